@@ -39,14 +39,14 @@ import numpy as np
 from astropy.table import Table
 
 __all__ = [
-    "REQUIRED_COLUMNS",
-    "PHOT_COLUMNS",
     "GAIA_RELEASES",
-    "read_catalogue",
-    "write_catalogue",
-    "validate_catalogue",
+    "PHOT_COLUMNS",
+    "REQUIRED_COLUMNS",
     "add_magnitude_errors",
     "photometric_system",
+    "read_catalogue",
+    "validate_catalogue",
+    "write_catalogue",
 ]
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,242 @@
+"""The bundled MIST grid: loading it into arrays, and what each array holds.
+
+The file ``clusterhbm/data/mist_gaia_2mass.h5`` is built by ``isochrones/build_grid.py``
+(provenance, licence and the rebuild command are in ``isochrones/README.md``). It holds
+
+* MIST isochrones on a regular ([Fe/H], log age, EEP) grid: [Fe/H] -2.0..+0.5 (step 0.25),
+  log10(age/yr) 6.0..10.3 (step 0.05), EEP 1..707 (pre-main sequence to the end of core
+  helium burning), with initial mass, current mass, log Teff, log g, log L and the MIST
+  phase code;
+* MIST bolometric corrections (R_V = 3.1) on ([Fe/H], Teff, log g, A_V) for Gaia EDR3
+  G/BP/RP (used for DR3 too), Gaia DR2 (revised passbands) G/BP/RP and 2MASS J/H/Ks.
+
+Nothing is read at import time; :func:`load_grid` reads the file once and caches it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "BAND_NAMES",
+    "GRID_SHA256",
+    "ISO_COLUMNS",
+    "BCGrid",
+    "IsochroneGrid",
+    "ModelGrid",
+    "band_indices",
+    "default_grid_path",
+    "grid_checksum",
+    "load_grid",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns of ``IsochroneGrid.data`` (last axis), in order.
+ISO_COLUMNS = ("initial_mass", "star_mass", "log_teff", "logg", "logl", "phase")
+COL_INITIAL_MASS, COL_STAR_MASS, COL_LOG_TEFF, COL_LOGG, COL_LOGL, COL_PHASE = range(6)
+#: Bands of ``BCGrid.data`` (last axis), in order. EDR3 passbands serve DR3.
+BAND_NAMES = ("G", "BP", "RP", "G_DR2", "BP_DR2", "RP_DR2", "J", "H", "Ks")
+#: SHA-256 of the shipped grid file; ``tests/test_grid.py`` checks it.
+GRID_SHA256 = "3126184cec7d87486b76b52b3083471f41611ca1d4ff67135ed7eea24fd87054"
+_GRID_FILE = "mist_gaia_2mass.h5"
+
+
+class IsochroneGrid(NamedTuple):
+    """MIST isochrones on a regular ([Fe/H], log age, EEP) grid.
+
+    Attributes
+    ----------
+    feh : (n_feh,) float, dex; regular.
+    log_age : (n_age,) float, log10(age / yr); regular.
+    eep : (n_eep,) float, equivalent evolutionary point; regular, step 1.
+    data : (n_feh, n_age, n_eep, 6) float
+        Columns :data:`ISO_COLUMNS`: initial mass [Msun], current mass [Msun],
+        log10 Teff [K], log10 g [cgs], log10 L [Lsun], MIST phase code. Rows outside an
+        isochrone's EEP range hold copies of its nearest valid row (so gathers are finite);
+        ``first``/``last`` say which rows are real.
+    first, last : (n_feh, n_age) int32
+        Index (into ``eep``) of the first and last real row of each isochrone.
+    """
+
+    feh: jax.Array
+    log_age: jax.Array
+    eep: jax.Array
+    data: jax.Array
+    first: jax.Array
+    last: jax.Array
+
+
+class BCGrid(NamedTuple):
+    """MIST bolometric corrections, R_V = 3.1.
+
+    Attributes
+    ----------
+    feh : (n_feh,) float, dex; regular.
+    teff : (n_teff,) float, K; irregular (2500 K .. 1e6 K).
+    logg : (n_logg,) float, log10 g [cgs]; irregular (-4 .. 9.5).
+    av : (n_av,) float, mag; irregular (0 .. 6).
+    data : (n_feh, n_teff, n_logg, n_av, n_band) float
+        BC_band = M_bol - M_band, extinction included; bands :data:`BAND_NAMES`.
+    """
+
+    feh: jax.Array
+    teff: jax.Array
+    logg: jax.Array
+    av: jax.Array
+    data: jax.Array
+
+
+class ModelGrid(NamedTuple):
+    """Everything the forward model reads: isochrones and bolometric corrections."""
+
+    iso: IsochroneGrid
+    bc: BCGrid
+
+
+def default_grid_path() -> Path:
+    """Path of the grid file shipped inside the installed package."""
+    return Path(str(resources.files("clusterhbm") / "data" / _GRID_FILE))
+
+
+def grid_checksum(path: str | Path | None = None) -> str:
+    """SHA-256 hex digest of a grid file (default: the shipped one)."""
+    path = Path(path) if path is not None else default_grid_path()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def band_indices(bands) -> tuple[int, ...]:
+    """Validate band names and return their indices into ``BCGrid.data``'s last axis."""
+    if isinstance(bands, str):
+        bands = (bands,)
+    out = []
+    for b in bands:
+        if b not in BAND_NAMES:
+            raise ValueError(f"unknown band {b!r}; available bands: {', '.join(BAND_NAMES)}")
+        out.append(BAND_NAMES.index(b))
+    if not out:
+        raise ValueError(f"no bands given; available bands: {', '.join(BAND_NAMES)}")
+    return tuple(out)
+
+
+def _read_file(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"MIST grid file not found at {path}; reinstall clusterhbm or rebuild it with "
+            f"isochrones/build_grid.py"
+        )
+    try:
+        with h5py.File(path, "r") as h:
+            iso = h["isochrones"]
+            bc = h["bc"]
+            out = {
+                "iso_feh": iso["feh"][:],
+                "iso_log_age": iso["log_age"][:],
+                "iso_eep": iso["eep"][:],
+                "iso_data": iso["data"][:],
+                "iso_columns": [str(c) for c in iso.attrs["columns"]],
+                "bc_feh": bc["feh"][:],
+                "bc_teff": bc["teff"][:],
+                "bc_logg": bc["logg"][:],
+                "bc_av": bc["av"][:],
+                "bc_data": bc["data"][:],
+                "bands": tuple(str(b) for b in bc.attrs["bands"]),
+                "provenance": json.loads(h.attrs.get("provenance", "{}")),
+            }
+    except (OSError, KeyError) as exc:  # h5py raises OSError for truncated/corrupt files
+        raise ValueError(f"MIST grid file {path} is corrupt or not a clusterhbm grid: {exc}")
+    if out["bands"] != BAND_NAMES:
+        raise ValueError(f"grid file {path} has bands {out['bands']}, expected {BAND_NAMES}")
+    if out["iso_data"].shape[-1] != len(ISO_COLUMNS):
+        raise ValueError(f"grid file {path} has isochrone columns {out['iso_columns']}")
+    return out
+
+
+def _pad_isochrones(data: np.ndarray):
+    """Return (padded data, first, last): rows outside each isochrone copy its edge rows."""
+    ok = np.isfinite(data[..., COL_INITIAL_MASS])
+    n_eep = data.shape[2]
+    idx = np.arange(n_eep)
+    first = np.where(ok.any(-1), np.argmax(ok, axis=-1), 0).astype(np.int32)
+    last = (n_eep - 1 - np.argmax(ok[..., ::-1], axis=-1)).astype(np.int32)
+    src = np.clip(idx[None, None, :], first[..., None], last[..., None])
+    padded = np.take_along_axis(data, src[..., None], axis=2)
+    if not np.all(np.isfinite(padded)):
+        raise ValueError("grid isochrones contain non-finite values inside their EEP range")
+    return padded, first, last
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, dtype_name: str) -> ModelGrid:
+    raw = _read_file(Path(path))
+    dtype = jnp.dtype(dtype_name)
+    data, first, last = _pad_isochrones(raw["iso_data"].astype(np.float64))
+
+    def arr(x):
+        return jnp.asarray(np.asarray(x, dtype=np.float64), dtype=dtype)
+
+    iso = IsochroneGrid(
+        feh=arr(raw["iso_feh"]),
+        log_age=arr(raw["iso_log_age"]),
+        eep=arr(raw["iso_eep"]),
+        data=arr(data),
+        first=jnp.asarray(first),
+        last=jnp.asarray(last),
+    )
+    bc = BCGrid(
+        feh=arr(raw["bc_feh"]),
+        teff=arr(raw["bc_teff"]),
+        logg=arr(raw["bc_logg"]),
+        av=arr(raw["bc_av"]),
+        data=arr(raw["bc_data"]),
+    )
+    log.debug("loaded grid %s: iso %s, bc %s", path, iso.data.shape, bc.data.shape)
+    return ModelGrid(iso=iso, bc=bc)
+
+
+def load_grid(path: str | Path | None = None, *, dtype=None) -> ModelGrid:
+    """Load the MIST grid (default: the one shipped with the package).
+
+    Parameters
+    ----------
+    path : path-like, optional
+        A grid file written by ``isochrones/build_grid.py``.
+    dtype : optional
+        ``jnp.float32`` or ``jnp.float64``; default: JAX's default float type
+        (float64 only when ``jax_enable_x64`` is on). clusterhbm never switches x64 on.
+
+    Raises
+    ------
+    FileNotFoundError
+        when the file is missing.
+    ValueError
+        when the file is corrupt or of another layout, or float64 is asked for while
+        ``jax_enable_x64`` is off.
+    """
+    path = Path(path) if path is not None else default_grid_path()
+    if dtype is None:
+        dtype = jnp.zeros(()).dtype
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "float64 grid requested but jax_enable_x64 is off; call "
+            "jax.config.update('jax_enable_x64', True) first"
+        )
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return _load_cached(str(path.resolve()), dtype.name)
