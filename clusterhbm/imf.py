@@ -16,8 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMF_KINDS", "check_imf", "log_imf_unnormalised", "log_imf", "sample_imf",
-           "imf_cdf"]
+__all__ = [
+    "IMF_KINDS",
+    "check_imf",
+    "imf_cdf",
+    "log_imf",
+    "log_imf_unnormalised",
+    "sample_imf",
+]
 
 IMF_KINDS = ("kroupa", "chabrier", "powerlaw")
 _LN10 = 2.302585092994046

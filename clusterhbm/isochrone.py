@@ -174,8 +174,12 @@ def eep_range(grid: IsochroneGrid, log_age, feh):
     return grid.eep[0] + lo, grid.eep[0] + hi
 
 
-def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool = False):
+def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool = False,
+                  eps: float = 0.0):
     """EEP at which the interpolated isochrone at (log age, [Fe/H]) has ``mass_msun``.
+
+    With ``eps > 0`` the inverted quantity is the pseudo-mass ``m(EEP) + eps * EEP``
+    (strictly increasing even where initial mass is flat; see :mod:`clusterhbm.model`).
 
     Returns ``(eep, valid)``; ``valid`` is False when the mass is outside the isochrone's
     range (below its lowest mass or past its last EEP) or (log age, [Fe/H]) is off-grid.
@@ -190,7 +194,7 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
 
     def mbar(j):
         m = grid.data[ifeh[:, None], iage[None, :], j, COL_INITIAL_MASS]
-        return jnp.sum(w * m)
+        return jnp.sum(w * m) + eps * (grid.eep[0] + j)
 
     # Largest j in [lo, hi - 1] with mbar(j) <= mass: bisection over <= 2^10 nodes.
     n_iter = int(grid.eep.shape[0] - 1).bit_length()
@@ -213,7 +217,7 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
         # is the implicit-function derivative d(eep)/d(mass, age, feh).
         def mcub(e):
             return interp_eep(grid, e, log_age, feh, cubic=True,
-                              columns=(COL_INITIAL_MASS,)).initial_mass
+                              columns=(COL_INITIAL_MASS,)).initial_mass + eps * e
 
         e_lo = grid.eep[0] + lo
         e_hi = grid.eep[0] + hi

@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-__all__ = ["plot_cmd", "save_figure", "isochrone_curve", "STYLE"]
+__all__ = ["STYLE", "isochrone_curve", "plot_cmd", "save_figure"]
 
 STYLE = {
     "font.size": 8,

@@ -44,15 +44,15 @@ from .imf import check_imf, sample_imf
 from .photometry import observables_from_mass
 
 __all__ = [
+    "POP_NAMES",
     "ClusterParams",
     "FieldModel",
     "ObservingModel",
     "SimulatedCluster",
     "draw_stars",
+    "read_simulation",
     "simulate_cluster",
     "write_simulation",
-    "read_simulation",
-    "POP_NAMES",
 ]
 
 log = logging.getLogger(__name__)

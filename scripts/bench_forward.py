@@ -57,8 +57,8 @@ from pathlib import Path
 ISOCHRONES_REF_STARS_PER_S = 9e4
 
 BANDS = ("G", "BP", "RP")
-CLUSTER = dict(log_age=9.6, feh=0.0, distance_pc=850.0, av_mag=0.1)
-JITTER = dict(log_age=0.03, feh=0.05, distance_pc=10.0, av_mag=0.01)
+CLUSTER = {"log_age": 9.6, "feh": 0.0, "distance_pc": 850.0, "av_mag": 0.1}
+JITTER = {"log_age": 0.03, "feh": 0.05, "distance_pc": 10.0, "av_mag": 0.01}
 EEP_RANGE = (230.0, 600.0)
 
 
@@ -164,8 +164,10 @@ def main(argv=None):
     band_idx = band_indices(BANDS)
     dev = jax.devices()[0]
     n_cpu = os.cpu_count()
+    load_before = os.getloadavg()
     print(f"device: {dev.platform} / {dev.device_kind}; CPUs: {n_cpu}; dtype: "
-          f"{jnp.dtype(dtype).name}; jax {jax.__version__}; repeats {repeats}")
+          f"{jnp.dtype(dtype).name}; jax {jax.__version__}; repeats {repeats}; load average "
+          f"{load_before[0]:.2f}")
     print("grad = jax.vmap(jax.value_and_grad(G+BP+RP, argnums=all 5 per-star inputs))")
 
     rows = []
@@ -182,13 +184,14 @@ def main(argv=None):
                         grid, band_idx, stars, cubic=cubic, param=param, mode=mode,
                         repeats=repeats)
                     med = statistics.median(times)
-                    row = dict(
-                        scheme="cubic" if cubic else "linear", param=param, mode=mode, n=n,
-                        compile_s=compile_s, times_s=times, median_s=med,
-                        stars_per_s=n / med,
-                        star_gradients_per_s=(n / med if mode == "grad" else None),
-                        us_per_star=1e6 * med / n, n_valid=n_valid, all_finite=finite,
-                    )
+                    row = {
+                        "scheme": "cubic" if cubic else "linear", "param": param,
+                        "mode": mode, "n": n,
+                        "compile_s": compile_s, "times_s": times, "median_s": med,
+                        "stars_per_s": n / med,
+                        "star_gradients_per_s": (n / med if mode == "grad" else None),
+                        "us_per_star": 1e6 * med / n, "n_valid": n_valid, "all_finite": finite,
+                    }
                     rows.append(row)
                     sg = f"{row['star_gradients_per_s']:12.3e}" if mode == "grad" else (
                         f"{'-':>12}")
@@ -208,34 +211,37 @@ def main(argv=None):
         if r["mode"] == "value" and r["n"] == n_max:
             ratio = r["stars_per_s"] / ISOCHRONES_REF_STARS_PER_S
             per_core = ratio / n_cpu
-            comparison.append(dict(scheme=r["scheme"], param=r["param"], n=n_max,
-                                   ratio_total=ratio, ratio_per_core=per_core))
+            comparison.append({"scheme": r["scheme"], "param": r["param"], "n": n_max,
+                                   "ratio_total": ratio, "ratio_per_core": per_core})
             print(f"  {r['scheme']:6} {r['param']:5} N={n_max}: {ratio:6.2f}x (machine), "
                   f"{per_core:6.2f}x (per core) vs isochrones/MIST literature 9e4 stars/s/core")
 
-    record = dict(
-        script="scripts/bench_forward.py",
-        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=dict(platform=dev.platform, device_kind=dev.device_kind, n_devices=len(
-            jax.devices())),
-        host=dict(cpu_count=n_cpu, machine=platform.machine(), processor=platform.processor(),
-                  python=platform.python_version()),
-        versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, numpy=np.__version__),
-        dtype=jnp.dtype(dtype).name,
-        bands=list(BANDS),
-        grad_definition="jax.vmap(jax.value_and_grad(lambda *x: sum(G, BP, RP apparent mags),"
-                        " argnums=(0,1,2,3,4))): gradient w.r.t. EEP or initial mass, log age,"
-                        " [Fe/H], distance_pc, av_mag",
-        inputs=dict(cluster=CLUSTER, jitter_sigma=JITTER, eep_uniform=EEP_RANGE,
-                    seed=args.seed),
-        timing=dict(repeats=repeats, statistic="median", warmup_calls=1,
-                    compile="jax.jit(f).lower(*args).compile() wall time"),
-        reference=dict(label="isochrones package MIST interpolation (literature, value only)",
-                       stars_per_s_per_core=ISOCHRONES_REF_STARS_PER_S,
-                       comparison=comparison),
-        rows=rows,
-    )
+    record = {
+        "script": "scripts/bench_forward.py",
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
+                   "n_devices": len(jax.devices())},
+        "host": {"cpu_count": n_cpu, "machine": platform.machine(),
+                 "processor": platform.processor(), "python": platform.python_version(),
+                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                     "numpy": np.__version__},
+        "dtype": jnp.dtype(dtype).name,
+        "bands": list(BANDS),
+        "grad_definition": "jax.vmap(jax.value_and_grad(lambda *x: sum(G, BP, RP apparent "
+                           "mags), argnums=(0,1,2,3,4))): gradient w.r.t. EEP or initial "
+                           "mass, log age, [Fe/H], distance_pc, av_mag",
+        "inputs": {"cluster": CLUSTER, "jitter_sigma": JITTER, "eep_uniform": EEP_RANGE,
+                   "seed": args.seed},
+        "timing": {"repeats": repeats, "statistic": "median", "warmup_calls": 1,
+                   "compile": "jax.jit(f).lower(*args).compile() wall time"},
+        "reference": {"label": "isochrones package MIST interpolation (literature, value "
+                               "only)",
+                      "stars_per_s_per_core": ISOCHRONES_REF_STARS_PER_S,
+                      "comparison": comparison},
+        "rows": rows,
+    }
     out = args.out or Path("benchmarks/results") / (
         f"bench_forward_{jnp.dtype(dtype).name}{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,394 @@
+"""Fitting a cluster: catalogue -> data arrays -> initial positions -> NUTS -> results.
+
+This is the shell around the pure model (:mod:`clusterhbm.model`) and sampler
+(:mod:`clusterhbm.sampling`): it validates input, logs what it drops, finds a starting
+point near the data, and packages the draws in a :class:`~clusterhbm.results.FitResult`.
+
+Initialisation: (1) the distance from the median parallax of stars with parallax S/N > 3
+(or a scan in distance modulus when there are none); (2) a scan of isochrones in log age
+and A_V, then in [Fe/H], scoring each by the sum over stars of the clipped chi^2 to the
+nearest isochrone point in (G, BP-RP); each star starts at its nearest point's EEP;
+(3) a few hundred Adam steps on the log density with the widths held small; (4) chains
+start from that point with small jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .catalogue import photometric_system, validate_catalogue
+from .grid import ModelGrid, band_indices, load_grid
+from .model import (
+    WIDTH_PARAMS,
+    ModelConfig,
+    Priors,
+    StarData,
+    make_logdensity_fn,
+    pop_position_keys,
+    pop_to_unconstrained,
+    population_values,
+    star_observables,
+    star_position_keys,
+    star_values,
+)
+from .photometry import observables_from_eep
+
+__all__ = [
+    "FitData",
+    "bands_for_release",
+    "fit_cluster",
+    "initial_guess",
+    "initial_positions",
+    "prepare_data",
+]
+
+log = logging.getLogger(__name__)
+
+_MAG_COLS = {"G": "phot_g_mean_mag", "BP": "phot_bp_mean_mag", "RP": "phot_rp_mean_mag"}
+
+
+def bands_for_release(release: str) -> tuple[str, str, str]:
+    """Model band names for a Gaia release: EDR3 passbands for (E)DR3, revised DR2 for DR2."""
+    return ("G_DR2", "BP_DR2", "RP_DR2") if photometric_system(release) == "DR2" \
+        else ("G", "BP", "RP")
+
+
+class FitData(NamedTuple):
+    """Data prepared for the model, plus what was kept."""
+
+    data: StarData
+    bands: tuple
+    source_id: np.ndarray
+    rows: np.ndarray  # catalogue rows used
+    release: str
+
+
+def prepare_data(catalogue, *, use_parallax: bool = True, dtype=None) -> FitData:
+    """Arrays for the model from a catalogue (see :mod:`clusterhbm.catalogue`).
+
+    Stars without a finite G magnitude and error are dropped (counted in the log);
+    missing BP/RP or parallax are kept as NaN (the likelihood skips them).
+    """
+    cat = validate_catalogue(catalogue)
+    release = cat.meta.get("gaia_release", "DR3")
+    names = bands_for_release(release)
+    mag = np.column_stack([np.asarray(cat[_MAG_COLS[b]], float) for b in ("G", "BP", "RP")])
+    err = np.column_stack([np.asarray(cat[_MAG_COLS[b] + "_error"], float)
+                           for b in ("G", "BP", "RP")])
+    keep = np.isfinite(mag[:, 0]) & np.isfinite(err[:, 0]) & (err[:, 0] > 0)
+    n_drop = int(np.sum(~keep))
+    if n_drop:
+        log.warning("dropped %d of %d stars without a usable G magnitude/error", n_drop,
+                    len(cat))
+    bad_err = np.isfinite(mag) & ~(np.isfinite(err) & (err > 0))
+    if np.any(bad_err[keep]):
+        log.warning("%d band measurements without a usable error are treated as missing",
+                    int(np.sum(bad_err[keep])))
+    mag = np.where(bad_err, np.nan, mag)
+    if use_parallax and "parallax" in cat.colnames:
+        plx = np.asarray(cat["parallax"], float)
+        plx_err = np.asarray(cat["parallax_error"], float)
+    else:
+        plx = np.full(len(cat), np.nan)
+        plx_err = np.full(len(cat), np.nan)
+    n_plx = int(np.sum(np.isfinite(plx[keep]) & np.isfinite(plx_err[keep])))
+    log.info("%d stars: %d with parallaxes, %d missing BP, %d missing RP", int(keep.sum()),
+             n_plx, int(np.sum(~np.isfinite(mag[keep, 1]))),
+             int(np.sum(~np.isfinite(mag[keep, 2]))))
+    dt = dtype or jnp.zeros(()).dtype
+    data = StarData(mag=jnp.asarray(mag[keep], dt), mag_err=jnp.asarray(err[keep], dt),
+                    parallax_mas=jnp.asarray(plx[keep], dt),
+                    parallax_err_mas=jnp.asarray(plx_err[keep], dt))
+    return FitData(data=data, bands=names, source_id=np.asarray(cat["source_id"])[keep],
+                   rows=np.flatnonzero(keep), release=release)
+
+
+def _distance_guess(data: StarData):
+    plx = np.asarray(data.parallax_mas)
+    err = np.asarray(data.parallax_err_mas)
+    ok = np.isfinite(plx) & np.isfinite(err) & (err > 0) & (plx / np.where(err > 0, err, 1) > 3)
+    if ok.sum() < 3:
+        return None
+    return float(1000.0 / np.median(plx[ok]))
+
+
+def _isochrone_scores(grid, band_idx, data, params, eeps):
+    """Sum over stars of the clipped chi^2 to the nearest isochrone point, per param set.
+
+    params : (P, 4) array of (log_age, feh, distance_pc, av_mag)
+    Returns (scores (P,), nearest EEP per star (P, N)).
+    """
+    g = data.mag[:, 0]
+    c = data.mag[:, 1] - data.mag[:, 2]
+    sg = jnp.sqrt(data.mag_err[:, 0] ** 2 + 0.03 ** 2)
+    sc = jnp.sqrt(jnp.nan_to_num(data.mag_err[:, 1], nan=1.0) ** 2
+                  + jnp.nan_to_num(data.mag_err[:, 2], nan=1.0) ** 2 + 0.03 ** 2)
+    has_c = jnp.isfinite(c)
+    c = jnp.nan_to_num(c)
+
+    def one(p):
+        o = jax.vmap(lambda e: observables_from_eep(grid, e, p[0], p[1], p[2], p[3],
+                                                    band_idx))(eeps)
+        ig, ic = o.mags[:, 0], o.mags[:, 1] - o.mags[:, 2]
+        big = jnp.where(o.valid, 0.0, 1e6)
+        chi = ((g[:, None] - ig[None]) / sg[:, None]) ** 2 + jnp.where(
+            has_c[:, None], ((c[:, None] - ic[None]) / sc[:, None]) ** 2, 0.0) + big[None]
+        j = jnp.argmin(chi, axis=1)
+        best = jnp.min(chi, axis=1)
+        return jnp.sum(jnp.minimum(best, 25.0)), eeps[j]
+
+    return jax.lax.map(one, params, batch_size=8)
+
+
+def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | None = None):
+    """A starting point: population values (physical units) and one EEP per star."""
+    init = dict(init or {})
+    d0 = init.get("distance_pc") or _distance_guess(data)
+    e = np.asarray(grid.iso.eep)
+    eeps = jnp.asarray(np.arange(e[0], e[-1] + 1, 2.0), e.dtype)
+    scan = jax.jit(lambda p: _isochrone_scores(grid, band_idx, data, p, eeps))
+    fehs = [init["feh"]] if "feh" in init else [0.0]
+    ages = [init["log_age"]] if "log_age" in init else list(np.arange(6.6, 10.21, 0.1))
+    avs = [init["av_mag"]] if "av_mag" in init else list(np.arange(0.0, 1.51, 0.1))
+    dists = [d0] if d0 else list(10 ** (np.arange(5.0, 15.01, 0.5) / 5 + 1))
+    grid1 = np.array([(a, f, d, v) for a in ages for f in fehs for d in dists for v in avs])
+    s, _ = scan(jnp.asarray(grid1))
+    best = grid1[int(np.argmin(np.asarray(s)))]
+    # refine: [Fe/H] nodes and the neighbourhood in age, A_V (and distance)
+    a0, f0, dd, v0 = best
+    ages2 = ages if "log_age" in init else list(np.clip(a0 + np.arange(-0.15, 0.151, 0.05),
+                                                        6.0, 10.3))
+    fehs2 = fehs if "feh" in init else list(np.asarray(grid.iso.feh)[2:])
+    avs2 = avs if "av_mag" in init else list(np.clip(v0 + np.arange(-0.1, 0.11, 0.05), 0, 6))
+    dists2 = [dd] if d0 else list(dd * np.array([0.85, 0.92, 1.0, 1.08, 1.17]))
+    grid2 = np.array([(a, f, d, v) for a in ages2 for f in fehs2 for d in dists2
+                      for v in avs2])
+    s2, eep2 = scan(jnp.asarray(grid2))
+    k = int(np.argmin(np.asarray(s2)))
+    a, f, d, v = (float(x) for x in grid2[k])
+    out = {"log_age": a, "feh": f, "distance_pc": d, "av_mag": v}
+    out.update({k2: v2 for k2, v2 in init.items() if k2 in out})
+    log.info("initial guess: log_age %.2f, [Fe/H] %.2f, distance %.0f pc, A_V %.2f", a, f,
+             d, v)
+    return out, np.asarray(eep2[k])
+
+
+def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_chains: int, *,
+                      grid: ModelGrid, width_init: dict | None = None,
+                      jitter: float = 0.01):
+    """Chain starting positions (pytree with a leading chain axis).
+
+    ``eep`` (N,) are the stars' starting EEPs on the population's isochrone; they are
+    turned into the pseudo-mass coordinate of :mod:`clusterhbm.model`.
+    """
+    from .isochrone import interp_eep
+
+    m0 = jax.vmap(lambda e: interp_eep(grid.iso, e, pop_values["log_age"], pop_values["feh"],
+                                       cubic=config.cubic).initial_mass)(jnp.asarray(eep))
+    pseudo_mass = m0 + config.pseudo_mass_eps * jnp.asarray(eep)
+    widths = {"sigma_log_age": 0.01, "sigma_feh": 0.01,
+              "sigma_distance_pc": 0.005 * pop_values["distance_pc"], "sigma_av_mag": 0.01}
+    widths.update(width_init or {})
+    pop = pop_to_unconstrained({**pop_values, **widths}, config)
+    n = eep.shape[0]
+    star = {"s": jnp.asarray(pseudo_mass, jnp.zeros(()).dtype)}
+    for k in star_position_keys(config)[1:]:
+        star[k] = jnp.zeros(n)
+    base = {"pop": pop, "star": star}
+    keys = jax.random.split(rng_key, n_chains)
+
+    def jit_one(key):
+        leaves, treedef = jax.tree.flatten(base)
+        ks = jax.random.split(key, len(leaves))
+        new = [x + jitter * jax.random.normal(k, jnp.shape(x)) * (1.0 if x.ndim else 1.0)
+               for x, k in zip(leaves, ks)]
+        return jax.tree.unflatten(treedef, new)
+
+    return jax.vmap(jit_one)(keys)
+
+
+def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: float = 0.02):
+    """Adam on -log density, widths held fixed (they would collapse at the mode)."""
+    import optax
+
+    frozen = {k for k in position["pop"] if k.startswith("ln_sigma")}
+
+    def split(p):
+        free = {"pop": {k: v for k, v in p["pop"].items() if k not in frozen},
+                "star": p["star"]}
+        fixed = {k: v for k, v in p["pop"].items() if k in frozen}
+        return free, fixed
+
+    free, fixed = split(position)
+
+    def loss(fr):
+        p = {"pop": {**fr["pop"], **fixed}, "star": fr["star"]}
+        lp = logdensity_fn(p)
+        return -jnp.where(jnp.isfinite(lp), lp, -1e30)
+
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def run(fr):
+        def body(carry, _):
+            fr, st, best, best_l = carry
+            l, g = jax.value_and_grad(loss)(fr)
+            g = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), g)
+            upd, st = opt.update(g, st, fr)
+            better = l < best_l
+            best = jax.tree.map(lambda a, b: jnp.where(better, a, b), fr, best)
+            best_l = jnp.where(better, l, best_l)
+            return (optax.apply_updates(fr, upd), st, best, best_l), l
+
+        init = (fr, opt.init(fr), fr, loss(fr))
+        (fr, _, best, best_l), losses = jax.lax.scan(body, init, None, length=num_steps)
+        return best, best_l
+
+    best, best_l = run(free)
+    return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, float(best_l)
+
+
+def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: Priors):
+    """Per-draw values stored in the results: population (physical) and per star."""
+    popv = population_values(position["pop"], config, priors)
+
+    def per_star(star):
+        eep, log_age, feh, dist, av, _ = star_values(star, popv, config, grid)
+        obs = star_observables(grid, config, eep, log_age, feh, dist, av)
+        p = obs.props
+        return {"eep": eep, "log_age": log_age, "feh": feh, "distance_pc": dist,
+                "av_mag": av, "mass_msun": p.initial_mass, "teff_k": 10.0 ** p.log_teff,
+                "logg": p.logg}
+
+    stars = jax.vmap(per_star)(position["star"])
+    pop = {k: v for k, v in popv.items()
+           if config.pooled and (k in ("log_age", "feh", "distance_pc", "av_mag")
+                                 or (k in WIDTH_PARAMS and config.fit_widths[
+                                     WIDTH_PARAMS.index(k)]))}
+    if config.fit_parallax_zp:
+        pop["parallax_zp_mas"] = popv["parallax_zp_mas"]
+    return {"pop": pop, "star": stars}
+
+
+def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
+                num_samples: int = 1000, seed: int = 0, rng_key=None, pooled: bool = True,
+                fit_widths=(True, True, True, True), cubic: bool = False,
+                fit_parallax_zp: bool = False, imf: str = "kroupa",
+                priors: Priors | None = None, init: dict | None = None,
+                grid: ModelGrid | None = None, progress: bool = False, checkpoint=None,
+                chunk_size: int = 100, max_num_doublings: int = 10,
+                target_accept: float = 0.8, use_parallax: bool = True,
+                dense_mass_matrix: bool | None = None,
+                truth: dict | None = None, optimise_steps: int = 300):
+    """Fit the hierarchical model to a catalogue with BlackJAX NUTS.
+
+    Parameters
+    ----------
+    catalogue : astropy Table (see :mod:`clusterhbm.catalogue`)
+    num_chains, num_warmup, num_samples : sampler sizes
+    seed / rng_key : randomness (``rng_key`` wins)
+    pooled : False fits every star independently under broad priors (for shrinkage)
+    fit_widths : bool or 4 bools (age, [Fe/H], distance, A_V)
+    cubic, fit_parallax_zp, imf, priors : model options (see :class:`ModelConfig`,
+        :class:`Priors`)
+    init : optional dict of starting population values (physical units)
+    progress : tqdm progress bar; checkpoint : path for chunked checkpoint/resume
+    dense_mass_matrix : adapt a dense metric (default: when the dimension is <= 4000)
+    truth : optional dict of true population values (stored with the results)
+
+    Returns
+    -------
+    clusterhbm.results.FitResult
+    """
+    from .results import FitResult
+
+    t_start = time.perf_counter()
+    grid = load_grid() if grid is None else grid
+    priors = Priors() if priors is None else priors
+    if isinstance(fit_widths, bool):
+        fit_widths = (fit_widths,) * 4
+    fit_widths = tuple(bool(x) for x in fit_widths)
+    if len(fit_widths) != 4:
+        raise ValueError(f"fit_widths needs 4 flags (age, feh, distance, A_V), got {fit_widths}")
+    for name, v in (("num_chains", num_chains), ("num_samples", num_samples)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    fd = prepare_data(catalogue, use_parallax=use_parallax)
+    n_dim = fd.data.mag.shape[0] * (1 + sum(fit_widths) if pooled else 5) + 8
+    if dense_mass_matrix is None:
+        # the age-star coupling is nearly linear: a dense metric absorbs it (model.py)
+        dense_mass_matrix = n_dim <= 4000
+    band_idx = band_indices(fd.bands)
+    config = ModelConfig(band_idx=band_idx, pooled=pooled, fit_widths=fit_widths,
+                         cubic=cubic, fit_parallax_zp=fit_parallax_zp, imf=imf)
+    key = jax.random.key(seed) if rng_key is None else rng_key
+    k_init, k_run = jax.random.split(key)
+    guess, eep0 = initial_guess(fd.data, grid, band_idx, init=init)
+    if not pooled:
+        priors = priors._replace(unpooled_distance_pc=guess["distance_pc"],
+                                 unpooled_sigma_distance_pc=0.5 * guess["distance_pc"])
+    logdensity_fn = make_logdensity_fn(fd.data, grid, config, priors)
+    # chain 0 position -> optimise -> jitter for all chains
+    pos1 = jax.tree.map(lambda x: x[0], initial_positions(k_init, guess, eep0, config, 1,
+                                                          grid=grid, jitter=0.0))
+    if optimise_steps:
+        pos1, loss = _optimise(logdensity_fn, pos1, num_steps=optimise_steps)
+        log.info("optimised start: -log density %.1f", loss)
+    per_star = np.asarray(star_log_densities(pos1, fd.data, grid, config, priors))
+    n_bad = int(np.sum(~np.isfinite(per_star)))
+    if n_bad:
+        log.warning("%d of %d stars start outside the grid (log density -inf)", n_bad,
+                    per_star.size)
+    keys = jax.random.split(k_init, num_chains)
+    jit_scale = 1e-3
+    inits = jax.vmap(lambda k: jax.tree.map(
+        lambda x: x + jit_scale * jax.random.normal(k, jnp.shape(x)), pos1))(keys)
+    t_init = time.perf_counter() - t_start
+
+    def transform(p):
+        return derived_quantities(p, grid, config, priors)
+
+    out = run_nuts_checked(k_run, logdensity_fn, inits, num_warmup=num_warmup,
+                           num_samples=num_samples, transform_fn=transform,
+                           chunk_size=chunk_size, max_num_doublings=max_num_doublings,
+                           target_accept=target_accept, progress=progress,
+                           checkpoint=checkpoint,
+                           diagonal_mass_matrix=not dense_mass_matrix)
+    wall = time.perf_counter() - t_start
+    settings = {
+        "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
+        "seed": seed, "pooled": pooled, "fit_widths": list(fit_widths), "cubic": cubic,
+        "fit_parallax_zp": fit_parallax_zp, "imf": imf, "bands": list(fd.bands),
+        "gaia_release": fd.release, "max_num_doublings": max_num_doublings,
+        "target_accept": target_accept, "use_parallax": use_parallax,
+        "dense_mass_matrix": dense_mass_matrix,
+        "priors": {k: float(v) for k, v in priors._asdict().items()},
+        "initial_guess": guess,
+        "pop_position_keys": list(pop_position_keys(config)),
+    }
+    timings = dict(out.timings, init_s=t_init, wall_s=wall)
+    return FitResult.from_sampler(out, source_id=fd.source_id, settings=settings,
+                                  timings=timings, truth=truth)
+
+
+def star_log_densities(position, data: StarData, grid: ModelGrid, config: ModelConfig,
+                       priors: Priors):
+    """Per-star log p(theta_i | phi) + log p(D_i | theta_i) at a position, shape (N,)."""
+    from .model import log_density_star
+
+    popv = population_values(position["pop"], config, priors)
+    return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
+        position["star"], popv, tuple(data), grid, config, priors)
+
+
+def run_nuts_checked(*args, **kwargs):
+    """:func:`clusterhbm.sampling.run_nuts` (separate name so tests can wrap it)."""
+    from .sampling import run_nuts
+
+    return run_nuts(*args, **kwargs)

@@ -1,0 +1,301 @@
+"""BlackJAX NUTS with Stan-style window adaptation, in chunks, over many chains.
+
+The kernels are pure: one chain, then ``vmap`` over chains. A thin host loop runs warm-up
+and sampling in chunks of ``chunk_size`` steps (one compiled ``lax.scan`` per chunk
+length), so long runs report progress and can be checkpointed and resumed.
+
+Warm-up follows Stan (and ``blackjax.window_adaptation``): a fast window adapting the step
+size by dual averaging, then doubling slow windows that also estimate a diagonal (or
+dense) inverse mass matrix with Welford's algorithm, then a final fast window. It is built
+from BlackJAX's stable primitives (``dual_averaging_adaptation``,
+``mass_matrix_adaptation``, ``build_schedule``) so that it can run in chunks. Each chain
+adapts its own step size and mass matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
+from blackjax.adaptation.step_size import dual_averaging_adaptation
+from blackjax.adaptation.window_adaptation import build_schedule
+from blackjax.mcmc import nuts
+from jax.flatten_util import ravel_pytree
+
+__all__ = ["SamplerOutput", "WarmupState", "run_nuts"]
+
+log = logging.getLogger(__name__)
+
+
+class WarmupState(NamedTuple):
+    """Adaptation state of one chain."""
+
+    da_state: tuple
+    mm_state: tuple
+    step_size: jax.Array
+    inverse_mass_matrix: jax.Array
+
+
+class SamplerOutput(NamedTuple):
+    """What :func:`run_nuts` returns (host NumPy arrays; leading axes chain, draw).
+
+    samples : dict of name -> (C, S, ...) from ``transform_fn``
+    info : dict with ``is_divergent``, ``num_integration_steps``,
+        ``num_trajectory_expansions``, ``acceptance_rate``, ``energy``, ``logdensity``
+    step_size : (C,); inverse_mass_matrix : (C, D) or (C, D, D)
+    timings : dict of seconds (``warmup_s``, ``sampling_s``, ``compile_s`` estimates)
+    final_positions : (C, D) flat positions
+    """
+
+    samples: dict
+    info: dict
+    step_size: np.ndarray
+    inverse_mass_matrix: np.ndarray
+    timings: dict
+    final_positions: np.ndarray
+
+
+def _kernel():
+    return nuts.build_kernel()
+
+
+def _make_warmup_fns(logdensity_flat, *, target_accept, diagonal, max_num_doublings):
+    da_init, da_update, da_final = dual_averaging_adaptation(target_accept)
+    mm_init, mm_update, mm_final = mass_matrix_adaptation(diagonal)
+    kernel = _kernel()
+
+    def init(x, initial_step_size):
+        state = nuts.init(x, logdensity_flat)
+        mm = mm_init(x.shape[0])
+        return state, WarmupState(da_init(initial_step_size), mm,
+                                  jnp.asarray(initial_step_size, x.dtype),
+                                  mm.inverse_mass_matrix)
+
+    def step(carry, inp):
+        state, warm = carry
+        key, stage, window_end = inp
+        state, info = kernel(key, state, logdensity_flat, warm.step_size,
+                             warm.inverse_mass_matrix, max_num_doublings=max_num_doublings)
+        acc = info.acceptance_rate
+        da = da_update(warm.da_state, acc)
+        mm = jax.lax.cond(stage == 1, lambda m: mm_update(m, state.position), lambda m: m,
+                          warm.mm_state)
+        warm = WarmupState(da, mm, jnp.exp(da.log_step_size), warm.inverse_mass_matrix)
+
+        def end_window(w):
+            m = mm_final(w.mm_state)
+            d = da_init(da_final(w.da_state))
+            return WarmupState(d, m, jnp.exp(d.log_step_size), m.inverse_mass_matrix)
+
+        warm = jax.lax.cond(window_end, end_window, lambda w: w, warm)
+        return (state, warm), (info.is_divergent, info.num_integration_steps)
+
+    def final(warm):
+        return jnp.exp(warm.da_state.log_step_size_avg), warm.inverse_mass_matrix
+
+    return init, step, final
+
+
+def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: int = 1000,
+             num_samples: int = 1000, transform_fn: Callable | None = None,
+             chunk_size: int = 100, max_num_doublings: int = 10,
+             target_accept: float = 0.8, diagonal_mass_matrix: bool = True,
+             initial_step_size: float = 0.1, progress: bool = False,
+             checkpoint: str | Path | None = None) -> SamplerOutput:
+    """Warm up and sample several NUTS chains (vmapped) in chunks.
+
+    Parameters
+    ----------
+    rng_key : JAX key
+    logdensity_fn : callable(position pytree) -> scalar
+    init_positions : pytree whose leaves have a leading chain axis (C, ...)
+    num_warmup, num_samples : steps per chain
+    transform_fn : callable(position pytree) -> dict of arrays stored per draw
+        (default: the position itself, flattened)
+    chunk_size : steps per compiled scan (progress and checkpoint granularity)
+    checkpoint : path; if given, the run state is saved after every chunk and a run with
+        the same path resumes from it
+    progress : show a tqdm bar
+
+    Returns
+    -------
+    SamplerOutput
+    """
+    first = jax.tree.map(lambda x: x[0], init_positions)
+    _, unravel = ravel_pytree(first)
+    flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(init_positions)
+    n_chains, dim = flat0.shape
+
+    def logdensity_flat(x):
+        return logdensity_fn(unravel(x))
+
+    transform = transform_fn if transform_fn is not None else (lambda p: {"position": p})
+
+    def transform_flat(x):
+        return transform(unravel(x))
+
+    w_init, w_step, w_final = _make_warmup_fns(
+        logdensity_flat, target_accept=target_accept, diagonal=diagonal_mass_matrix,
+        max_num_doublings=max_num_doublings)
+    kernel = _kernel()
+
+    @jax.jit
+    def warm_chunk(states, warms, keys, stages, ends):
+        def one(state, warm, ks):
+            (state, warm), out = jax.lax.scan(w_step, (state, warm), (ks, stages, ends))
+            return state, warm, out
+
+        return jax.vmap(one)(states, warms, keys)
+
+    @jax.jit
+    def sample_chunk(states, step_sizes, imms, keys):
+        def one(state, step_size, imm, ks):
+            def body(s, k):
+                s, info = kernel(k, s, logdensity_flat, step_size, imm,
+                                 max_num_doublings=max_num_doublings)
+                rec = {"is_divergent": info.is_divergent,
+                       "num_integration_steps": info.num_integration_steps,
+                       "num_trajectory_expansions": info.num_trajectory_expansions,
+                       "acceptance_rate": info.acceptance_rate,
+                       "energy": info.energy,
+                       "logdensity": s.logdensity}
+                return s, (transform_flat(s.position), rec)
+
+            return jax.lax.scan(body, state, ks)
+
+        return jax.vmap(one)(states, step_sizes, imms, keys)
+
+    k_warm, k_samp = jax.random.split(rng_key)
+    schedule = np.asarray(build_schedule(num_warmup)) if num_warmup > 0 else np.zeros((0, 2))
+    ck = _Checkpoint(checkpoint, n_chains, dim)
+    states, warms = jax.vmap(lambda x: w_init(x, initial_step_size))(flat0)
+    done_warm, done_samp, collected = 0, 0, []
+    resumed = ck.load(states, warms)
+    if resumed is not None:
+        states, warms, done_warm, done_samp, collected, step_size, imm = resumed
+        log.info("resumed from %s at warm-up %d, draw %d", checkpoint, done_warm, done_samp)
+    bar = _progress(progress, num_warmup + num_samples, done_warm + done_samp)
+    t0 = time.perf_counter()
+    wkeys = jax.random.split(k_warm, (n_chains, max(num_warmup, 1)))
+    first_chunk_s = None
+    while done_warm < num_warmup:
+        n = min(chunk_size, num_warmup - done_warm)
+        sl = slice(done_warm, done_warm + n)
+        tc = time.perf_counter()
+        states, warms, (div, nsteps) = warm_chunk(
+            states, warms, wkeys[:, sl], jnp.asarray(schedule[sl, 0]),
+            jnp.asarray(schedule[sl, 1], bool))
+        jax.block_until_ready(states)
+        first_chunk_s = first_chunk_s or time.perf_counter() - tc
+        done_warm += n
+        ck.save(states, warms, done_warm, 0, [], None, None)
+        bar.update(n)
+        bar.set_postfix_str(f"warm-up, step size {float(jnp.mean(warms.step_size)):.3g}")
+    t_warm = time.perf_counter() - t0
+    if resumed is None or resumed[3] == 0:
+        step_size, imm = jax.vmap(w_final)(warms)
+    skeys = jax.random.split(k_samp, (n_chains, max(num_samples, 1)))
+    if collected and not isinstance(collected[0], tuple):  # resumed: rebuild the tree
+        shapes = jax.eval_shape(sample_chunk, states, step_size, imm, skeys[:, :1])
+        collected = [jax.tree.unflatten(jax.tree.structure(shapes[1]), collected[0])]
+    t1 = time.perf_counter()
+    first_samp_s = None
+    while done_samp < num_samples:
+        n = min(chunk_size, num_samples - done_samp)
+        tc = time.perf_counter()
+        states, (vals, recs) = sample_chunk(states, step_size, imm,
+                                            skeys[:, done_samp:done_samp + n])
+        jax.block_until_ready(states)
+        first_samp_s = first_samp_s or time.perf_counter() - tc
+        collected.append(tuple(jax.tree.map(np.asarray, (vals, recs))))
+        done_samp += n
+        ck.save(states, warms, done_warm, done_samp, collected, step_size, imm)
+        bar.update(n)
+        ndiv = sum(int(np.sum(c[1]["is_divergent"])) for c in collected)
+        bar.set_postfix_str(f"sampling, {ndiv} divergent")
+    bar.close()
+    t_samp = time.perf_counter() - t1
+    if collected:
+        vals = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[c[0] for c in collected])
+        recs = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[c[1] for c in collected])
+    else:
+        vals, recs = {}, {}
+    timings = {"warmup_s": t_warm, "sampling_s": t_samp,
+               "first_warmup_chunk_s": first_chunk_s or 0.0,
+               "first_sampling_chunk_s": first_samp_s or 0.0}
+    return SamplerOutput(samples=vals, info=recs, step_size=np.asarray(step_size),
+                         inverse_mass_matrix=np.asarray(imm), timings=timings,
+                         final_positions=np.asarray(states.position))
+
+
+def _progress(enabled, total, initial):
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+class _Checkpoint:
+    """Run state on disk (NumPy .npz): states, warm-up state, progress, draws so far."""
+
+    def __init__(self, path, n_chains, dim):
+        self.path = Path(path) if path else None
+        self.shape = (n_chains, dim)
+
+    def save(self, states, warms, done_warm, done_samp, collected, step_size, imm):
+        if self.path is None:
+            return
+        leaves = jax.tree.leaves((states, warms))
+        arrays = {f"s{i}": np.asarray(x) for i, x in enumerate(leaves)}
+        if collected:
+            vals = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1),
+                                *[c for c in collected])
+            for i, x in enumerate(jax.tree.leaves(vals)):
+                arrays[f"c{i}"] = x
+            arrays["step_size"] = np.asarray(step_size)
+            arrays["imm"] = np.asarray(imm)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(tmp, done=np.array([done_warm, done_samp]),
+                 shape=np.array(self.shape), **arrays)
+        tmp.replace(self.path)
+
+    def load(self, states, warms):
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            z = np.load(self.path, allow_pickle=False)
+            if tuple(z["shape"]) != self.shape:
+                raise ValueError(f"checkpoint {self.path} is for chains x dims "
+                                 f"{tuple(z['shape'])}, this run has {self.shape}")
+            leaves, treedef = jax.tree.flatten((states, warms))
+            new = [jnp.asarray(z[f"s{i}"]) for i in range(len(leaves))]
+            states, warms = jax.tree.unflatten(treedef, new)
+            done_warm, done_samp = (int(v) for v in z["done"])
+            collected, step_size, imm = [], None, None
+            if done_samp:
+                ckeys = sorted((k for k in z.files if k.startswith("c")),
+                               key=lambda k: int(k[1:]))
+                collected = [[z[k] for k in ckeys]]  # leaves; tree rebuilt by caller
+                step_size, imm = jnp.asarray(z["step_size"]), jnp.asarray(z["imm"])
+            return states, warms, done_warm, done_samp, collected, step_size, imm
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"checkpoint {self.path} is unreadable: {exc}") from exc

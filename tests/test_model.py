@@ -1,0 +1,242 @@
+"""The hierarchical log density: a hand computation, gradients, -inf, compile counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import x64
+from scipy import stats
+
+from clusterhbm.grid import band_indices, load_grid
+from clusterhbm.imf import imf_cdf, log_imf
+from clusterhbm.isochrone import eep_from_mass, eep_range, interp_eep
+from clusterhbm.model import (
+    ModelConfig,
+    Priors,
+    StarData,
+    log_density,
+    make_logdensity_fn,
+    pop_to_unconstrained,
+)
+from clusterhbm.photometry import observables_from_eep
+
+GAIA = band_indices(("G", "BP", "RP"))
+
+
+def _toy(dtype):
+    data = StarData(
+        mag=jnp.asarray([[14.1, 14.5, 13.55], [16.2, np.nan, 15.4]], dtype),
+        mag_err=jnp.asarray([[0.003, 0.004, 0.004], [0.004, np.nan, 0.006]], dtype),
+        parallax_mas=jnp.asarray([1.20, np.nan], dtype),
+        parallax_err_mas=jnp.asarray([0.03, np.nan], dtype),
+    )
+    pop = {"log_age": 9.613, "feh": 0.05, "distance_pc": 860.0, "av_mag": 0.12,
+           "sigma_log_age": 0.02, "sigma_feh": 0.03, "sigma_distance_pc": 9.0,
+           "sigma_av_mag": 0.04}
+    star = {"s": jnp.asarray([1.0 + 3e-3 * 340, 0.8 + 3e-3 * 300], dtype),
+            "z_age": jnp.asarray([0.3, -0.5], dtype), "z_feh": jnp.asarray([-0.2, 0.1], dtype),
+            "z_dist": jnp.asarray([0.7, -1.1], dtype), "z_av": jnp.asarray([0.4, -0.3], dtype)}
+    return data, pop, star
+
+
+def _hand_log_density(data, pop, star, priors, grid):
+    """The same density written out star by star with NumPy/SciPy."""
+    iso = grid.iso
+    total = 0.0
+    # population prior: flat log age, Normal feh, flat ln d, softplus A_V Jacobian,
+    # HalfNormal widths with log-Jacobians
+    total += -0.5 * ((pop["feh"] - priors.feh_mean) / priors.feh_sd) ** 2
+    raw = np.log(np.expm1(pop["av_mag"]))
+    total += np.log(1 / (1 + np.exp(-raw)))
+    for name, scale in (("sigma_log_age", priors.sigma_log_age_scale),
+                        ("sigma_feh", priors.sigma_feh_scale),
+                        ("sigma_distance_pc", priors.sigma_distance_frac_scale
+                         * pop["distance_pc"]),
+                        ("sigma_av_mag", priors.sigma_av_scale)):
+        total += stats.halfnorm(scale=scale).logpdf(pop[name]) + np.log(pop[name])
+    for i in range(2):
+        z = {k: float(star[k][i]) for k in ("z_age", "z_feh", "z_dist", "z_av")}
+        age = pop["log_age"] + pop["sigma_log_age"] * z["z_age"]
+        feh = pop["feh"] + pop["sigma_feh"] * z["z_feh"]
+        dist = pop["distance_pc"] + pop["sigma_distance_pc"] * z["z_dist"]
+        a, b = -pop["av_mag"] / pop["sigma_av_mag"], np.inf
+        av = stats.truncnorm(a, b, loc=pop["av_mag"], scale=pop["sigma_av_mag"]).ppf(
+            stats.norm.cdf(z["z_av"]))
+        eep, ok = eep_from_mass(iso, float(star["s"][i]), age, feh, eps=3e-3)
+        assert bool(ok)
+        eep = float(eep)
+        obs = observables_from_eep(grid, eep, age, feh, dist, av, GAIA)
+        m = float(obs.props.initial_mass)
+        h = 1e-3
+        dm = (float(interp_eep(iso, eep + h, age, feh).initial_mass)
+              - float(interp_eep(iso, eep - h, age, feh).initial_mass)) / (2 * h)
+        _, e_hi = eep_range(iso, age, feh)
+        m_hi = float(interp_eep(iso, e_hi, age, feh).initial_mass)
+        lp = (float(log_imf(m)) + np.log(dm / (dm + 3e-3))
+              - np.log(float(imf_cdf(m_hi))))
+        lp += sum(stats.norm.logpdf(v) + 0.5 * np.log(2 * np.pi) for v in z.values())
+        mag = np.asarray(data.mag[i])
+        err = np.asarray(data.mag_err[i])
+        for k in range(3):
+            if np.isfinite(mag[k]):
+                lp += stats.norm.logpdf(mag[k], float(obs.mags[k]),
+                                        np.sqrt(err[k] ** 2 + priors.mag_floor ** 2))
+        if np.isfinite(float(data.parallax_mas[i])):
+            lp += stats.norm.logpdf(float(data.parallax_mas[i]), 1000 / dist,
+                                    float(data.parallax_err_mas[i]))
+        total += lp
+    return total
+
+
+def test_log_density_matches_hand_computation():
+    with x64():
+        grid = load_grid(dtype=jnp.float64)
+        data, pop, star = _toy(jnp.float64)
+        cfg = ModelConfig(band_idx=GAIA)
+        priors = Priors()
+        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+        got = float(log_density(position, data, grid, cfg, priors))
+        want = _hand_log_density(data, pop, star, priors, grid)
+        assert np.isfinite(got)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+
+
+def test_gradient_matches_finite_differences():
+    with x64():
+        grid = load_grid(dtype=jnp.float64)
+        data, pop, star = _toy(jnp.float64)
+        cfg = ModelConfig(band_idx=GAIA)
+        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+        from jax.flatten_util import ravel_pytree
+
+        x0, unravel = ravel_pytree(position)
+        f = jax.jit(lambda x: make_logdensity_fn(data, grid, cfg)(unravel(x)))
+        g = np.asarray(jax.grad(f)(x0))
+        assert np.all(np.isfinite(g))
+        h = 1e-6
+        for i in range(x0.shape[0]):
+            e = jnp.zeros_like(x0).at[i].set(h)
+            fd = (float(f(x0 + e)) - float(f(x0 - e))) / (2 * h)
+            np.testing.assert_allclose(g[i], fd, rtol=2e-4, atol=2e-3)
+
+
+def test_outside_grid_is_minus_inf_with_finite_gradient():
+    grid = load_grid()
+    data, pop, star = _toy(jnp.float32)
+    cfg = ModelConfig(band_idx=GAIA)
+    ld = make_logdensity_fn(data, grid, cfg)
+    cases = [dict(pop, log_age=10.5), dict(pop, feh=0.9), dict(pop, distance_pc=-10.0)]
+    for p in cases:
+        pos = {"pop": pop_to_unconstrained(p, cfg), "star": star}
+        if p["distance_pc"] < 0:
+            pos["pop"]["ln_distance_pc"] = jnp.asarray(np.log(5.0))  # below the prior range
+        v = ld(pos)
+        assert np.isneginf(float(v)), p
+        g = jax.grad(ld)(pos)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    # a star whose pseudo-mass is beyond its isochrone (a dead star)
+    pos = {"pop": pop_to_unconstrained(pop, cfg), "star": dict(star, s=star["s"].at[0].set(5.0))}
+    assert np.isneginf(float(ld(pos)))
+    assert not np.any(np.isnan(jax.tree.leaves(jax.grad(ld)(pos))[0]))
+
+
+def test_missing_bands_are_skipped_not_fatal():
+    grid = load_grid()
+    data, pop, star = _toy(jnp.float32)
+    cfg = ModelConfig(band_idx=GAIA)
+    pos = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+    v = float(make_logdensity_fn(data, grid, cfg)(pos))
+    assert np.isfinite(v)
+    # removing star 2's remaining bands changes the value by exactly their terms
+    data2 = data._replace(mag=data.mag.at[1, 0].set(jnp.nan))
+    v2 = float(make_logdensity_fn(data2, grid, cfg)(pos))
+    assert np.isfinite(v2) and v2 != v
+
+
+def test_unpooled_uses_same_code_path_without_population():
+    grid = load_grid()
+    data, pop, star = _toy(jnp.float32)
+    cfg = ModelConfig(band_idx=GAIA, pooled=False)
+    # the unpooled broad prior: distance 1000 +- 1000 pc, so z_dist = -1.1 is d < 0
+    star = dict(star, z_dist=jnp.asarray([0.1, -0.2]))
+    v = make_logdensity_fn(data, grid, cfg)(pos := {"pop": {}, "star": star})
+    assert np.isfinite(float(v))
+    bad = dict(star, z_dist=jnp.asarray([0.1, -1.1]))
+    assert np.isneginf(float(make_logdensity_fn(data, grid, cfg)({"pop": {}, "star": bad})))
+    assert set(pos["star"]) == {"s", "z_age", "z_feh", "z_dist", "z_av"}
+
+
+def test_density_traced_a_bounded_number_of_times():
+    """Warm-up and sampling in several chunks compile the density a fixed number of times."""
+    from clusterhbm.sampling import run_nuts
+
+    grid = load_grid()
+    data, pop, star = _toy(jnp.float32)
+    cfg = ModelConfig(band_idx=GAIA, fit_widths=(False,) * 4)
+    base = make_logdensity_fn(data, grid, cfg)
+    count = {"n": 0}
+
+    def counted(p):
+        count["n"] += 1
+        return base(p)
+
+    pos = {"pop": pop_to_unconstrained(pop, cfg), "star": {"s": star["s"]}}
+    inits = jax.tree.map(lambda x: jnp.stack([x, x]), pos)
+    out = run_nuts(jax.random.key(0), counted, inits, num_warmup=30, num_samples=30,
+                   chunk_size=10, max_num_doublings=4)
+    assert out.info["is_divergent"].shape == (2, 30)
+    # one trace each for init, warm-up chunk and sampling chunk (+ transform); not per chunk
+    assert count["n"] <= 8, count["n"]
+
+
+def test_checkpoint_resume_gives_identical_draws(tmp_path, monkeypatch):
+    """A run interrupted after its first sampling chunk resumes to the same draws."""
+    from clusterhbm import sampling
+
+    grid = load_grid()
+    data, pop, star = _toy(jnp.float32)
+    cfg = ModelConfig(band_idx=GAIA, fit_widths=(False,) * 4)
+    ld = make_logdensity_fn(data, grid, cfg)
+    pos = {"pop": pop_to_unconstrained(pop, cfg), "star": {"s": star["s"]}}
+    inits = jax.tree.map(lambda x: jnp.stack([x, x]), pos)
+    kw = {"num_warmup": 20, "num_samples": 20, "chunk_size": 10, "max_num_doublings": 4}
+    full = sampling.run_nuts(jax.random.key(3), ld, inits, **kw)
+    ck = tmp_path / "run.npz"
+
+    class Interrupt(Exception):
+        pass
+
+    real = sampling._progress
+
+    def breaking(enabled, total, initial):
+        bar = real(False, total, initial)
+        calls = {"n": 0}
+
+        def update(n):
+            calls["n"] += 1
+            if calls["n"] == 3:  # after 2 warm-up chunks and 1 sampling chunk
+                raise Interrupt
+
+        bar.update = update
+        return bar
+
+    monkeypatch.setattr(sampling, "_progress", breaking)
+    with pytest.raises(Interrupt):
+        sampling.run_nuts(jax.random.key(3), ld, inits, checkpoint=ck, **kw)
+    monkeypatch.setattr(sampling, "_progress", real)
+    assert tuple(np.load(ck)["done"]) == (20, 10)
+    resumed = sampling.run_nuts(jax.random.key(3), ld, inits, checkpoint=ck, **kw)
+    np.testing.assert_array_equal(resumed.samples["position"]["star"]["s"],
+                                  full.samples["position"]["star"]["s"])
+
+
+@pytest.mark.parametrize("bad", [{"fit_widths": (True, True)}, {"num_chains": 0}])
+def test_fit_bad_options(bad):
+    from clusterhbm.fit import fit_cluster
+    from clusterhbm.simulate import simulate_cluster
+
+    cat = simulate_cluster(n_stars=20, seed=0).catalogue
+    with pytest.raises(ValueError):
+        fit_cluster(cat, num_warmup=5, num_samples=5, **bad)
