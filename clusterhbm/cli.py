@@ -60,9 +60,9 @@ def _run_simulate(a) -> int:
     if a.plot:
         from .plots import plot_cmd, save_figure
 
-        fig = plot_cmd(sim.catalogue, truth=t, isochrones=[dict(
-            log_age=a.log_age, feh=a.feh, distance_pc=a.distance_pc, av_mag=a.av,
-            label="input isochrone", lw=0.7)])
+        fig = plot_cmd(sim.catalogue, truth=t, isochrones=[{
+            "log_age": a.log_age, "feh": a.feh, "distance_pc": a.distance_pc,
+            "av_mag": a.av, "label": "input isochrone", "lw": 0.7}])
         for p in save_figure(fig, a.plot):
             print(f"wrote {p}")
     return 0
@@ -203,6 +203,139 @@ def _run_summary(a) -> int:
     return 0
 
 
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="offline end-to-end run on a simulated M67-like cluster",
+                       description="Simulate an M67-like cluster (log age 9.6, [Fe/H] 0, "
+                                   "850 pc, A_V 0.1), fit it pooled and unpooled, print the "
+                                   "summary beside the truth and write the figures.")
+    p.add_argument("-o", "--output", default="clusterhbm_demo", help="output folder")
+    p.add_argument("--n-stars", type=int, default=120)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=400)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(a) -> int:
+    import time
+
+    import numpy as np
+
+    from .fit import fit_cluster
+    from .plots import (
+        plot_cmd,
+        plot_corner,
+        plot_parallax,
+        plot_shrinkage,
+        plot_trace,
+        posterior_isochrones,
+        save_figure,
+    )
+    from .simulate import ClusterParams, simulate_cluster, write_simulation
+
+    t0 = time.perf_counter()
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    params = ClusterParams(log_age=9.6, feh=0.0, distance_pc=850.0, av_mag=0.1)
+    sim = simulate_cluster(params, n_stars=a.n_stars, seed=a.seed)
+    write_simulation(sim, out / "mock.ecsv")
+    print(f"simulated {a.n_stars} stars of an M67-like cluster -> {out / 'mock.ecsv'}")
+    truth = {k: v for k, v in params._asdict().items()
+             if k in ("log_age", "feh", "distance_pc", "av_mag")}
+    common = {"num_chains": a.chains, "seed": a.seed, "fit_widths": False,
+              "progress": not a.no_progress, "truth": truth}
+    print("fitting the hierarchical (pooled) model ...")
+    res = fit_cluster(sim.catalogue, num_warmup=a.warmup, num_samples=a.samples, **common)
+    res.to_hdf5(out / "fit.h5")
+    print(res.summary_text())
+    print("fitting every star alone (unpooled) for the shrinkage figure ...")
+    unp = fit_cluster(sim.catalogue, pooled=False, num_warmup=max(a.warmup // 2, 100),
+                      num_samples=max(a.samples // 2, 100), **common)
+    unp.to_hdf5(out / "fit_unpooled.h5")
+    figs = {
+        "cmd": plot_cmd(sim.catalogue, isochrones=posterior_isochrones(res),
+                        title="mock M67: data and posterior isochrones"),
+        "corner": plot_corner(res),
+        "shrinkage": plot_shrinkage(res, unp, truth=np.asarray(sim.truth["mass_msun"]),
+                                    g_mag=np.asarray(sim.catalogue["phot_g_mean_mag"])),
+        "parallax": plot_parallax(sim.catalogue, res),
+        "trace": plot_trace(res),
+    }
+    for name, fig in figs.items():
+        for p in save_figure(fig, out / name):
+            print(f"wrote {p}")
+    width = (np.diff(np.percentile(res.stars["mass_msun"].reshape(-1, a.n_stars), [16, 84],
+                                   axis=0), axis=0)
+             / np.diff(np.percentile(unp.stars["mass_msun"].reshape(-1, a.n_stars), [16, 84],
+                                     axis=0), axis=0))
+    print(f"shrinkage: median per-star mass interval, pooled / unpooled = "
+          f"{float(np.median(width)):.2f}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="figures from a results file or a catalogue")
+    p.add_argument("source", help="results file (fit.h5) or catalogue")
+    p.add_argument("--catalogue", default=None,
+                   help="the fitted catalogue (for the CMD and parallax figures)")
+    p.add_argument("-o", "--output", default="figures", help="output folder")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(a) -> int:
+    from .plots import (
+        plot_cmd,
+        plot_corner,
+        plot_parallax,
+        plot_trace,
+        posterior_isochrones,
+        save_figure,
+    )
+
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    src = Path(a.source)
+    if src.suffix in (".h5", ".hdf5") and _is_results(src):
+        from .results import load_results
+
+        res = load_results(src)
+        figs["corner"] = plot_corner(res)
+        figs["trace"] = plot_trace(res)
+        if a.catalogue:
+            cat = _load_catalogue(a.catalogue)
+            figs["cmd"] = plot_cmd(cat, isochrones=posterior_isochrones(res))
+            if "parallax" in cat.colnames:
+                figs["parallax"] = plot_parallax(cat, res)
+    else:
+        cat = _load_catalogue(a.source)
+        truth = None
+        if any(c.startswith("true_") for c in cat.colnames):
+            from .simulate import read_simulation
+
+            sim = read_simulation(a.source)
+            cat, truth = sim.catalogue, sim.truth
+        figs["cmd"] = plot_cmd(cat, truth=truth,
+                               member_prob=cat["member_prob"] if "member_prob" in
+                               cat.colnames else None)
+        if "parallax" in cat.colnames:
+            figs["parallax"] = plot_parallax(cat)
+    for name, fig in figs.items():
+        for p in save_figure(fig, out / name):
+            print(f"wrote {p}")
+    return 0
+
+
+def _is_results(path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as h:
+        return h.attrs.get("format") == "clusterhbm-fit"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -217,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fetch(sub)
     _add_fit(sub)
     _add_summary(sub)
+    _add_plot(sub)
+    _add_demo(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

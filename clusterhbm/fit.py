@@ -161,7 +161,7 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     s, _ = scan(jnp.asarray(grid1))
     best = grid1[int(np.argmin(np.asarray(s)))]
     # refine: [Fe/H] nodes and the neighbourhood in age, A_V (and distance)
-    a0, f0, dd, v0 = best
+    a0, _, dd, v0 = best
     ages2 = ages if "log_age" in init else list(np.clip(a0 + np.arange(-0.15, 0.151, 0.05),
                                                         6.0, 10.3))
     fehs2 = fehs if "feh" in init else list(np.asarray(grid.iso.feh)[2:])
@@ -206,7 +206,7 @@ def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_cha
     def jit_one(key):
         leaves, treedef = jax.tree.flatten(base)
         ks = jax.random.split(key, len(leaves))
-        new = [x + jitter * jax.random.normal(k, jnp.shape(x)) * (1.0 if x.ndim else 1.0)
+        new = [x + jitter * jax.random.normal(k, jnp.shape(x))
                for x, k in zip(leaves, ks)]
         return jax.tree.unflatten(treedef, new)
 
@@ -247,7 +247,7 @@ def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: f
             return (optax.apply_updates(fr, upd), st, best, best_l), l
 
         init = (fr, opt.init(fr), fr, loss(fr))
-        (fr, _, best, best_l), losses = jax.lax.scan(body, init, None, length=num_steps)
+        (fr, _, best, best_l), _ = jax.lax.scan(body, init, None, length=num_steps)
         return best, best_l
 
     best, best_l = run(free)

@@ -311,8 +311,9 @@ def log_density(position: dict, data: StarData, grid: ModelGrid, config: ModelCo
 
 
 def make_logdensity_fn(data: StarData, grid: ModelGrid, config: ModelConfig,
-                       priors: Priors = Priors()):
+                       priors: Priors | None = None):
     """``logdensity_fn(position)`` for BlackJAX, closing over data, grid and priors."""
+    priors = Priors() if priors is None else priors
 
     def logdensity_fn(position):
         return log_density(position, data, grid, config, priors)

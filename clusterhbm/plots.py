@@ -126,3 +126,151 @@ def plot_cmd(catalogue, *, truth=None, member_prob=None, binary_prob=None,
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", frameon=False, markerscale=2)
         return fig
+
+
+_LABELS = {"log_age": r"$\log_{10}(\mathrm{age/yr})$", "feh": "[Fe/H]",
+           "distance_pc": "distance [pc]", "av_mag": r"$A_V$ [mag]",
+           "sigma_log_age": r"$\sigma_{\log\,\mathrm{age}}$", "sigma_feh": r"$\sigma_{\rm [Fe/H]}$",
+           "sigma_distance_pc": r"$\sigma_d$ [pc]", "sigma_av_mag": r"$\sigma_{A_V}$",
+           "parallax_zp_mas": "parallax zp [mas]"}
+
+
+def plot_corner(result, *, names=None, figsize=(7.0, 7.0)):
+    """Corner plot of the population parameters (1-D histograms, 2-D 68/95% contours);
+    the truth, when the result has one, as lines."""
+    pop = result.population
+    names = [n for n in (names or pop) if n in pop]
+    k = len(names)
+    x = {n: np.asarray(pop[n]).ravel() for n in names}
+    truth = result.truth or {}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(k, k, figsize=figsize, squeeze=False)
+        for i, ni in enumerate(names):
+            for j, nj in enumerate(names):
+                ax = axes[i, j]
+                if j > i:
+                    ax.set_visible(False)
+                    continue
+                if i == j:
+                    ax.hist(x[ni], bins=30, histtype="step", color="k", density=True)
+                    ax.set_yticks([])
+                    if ni in truth:
+                        ax.axvline(truth[ni], color="tab:red", lw=0.8)
+                    q = np.percentile(x[ni], [16, 50, 84])
+                    ax.set_title(f"{q[1]:.4g}$^{{+{q[2] - q[1]:.2g}}}_{{-{q[1] - q[0]:.2g}}}$",
+                                 fontsize=6.5)
+                else:
+                    _contour(ax, x[nj], x[ni])
+                    if nj in truth:
+                        ax.axvline(truth[nj], color="tab:red", lw=0.6)
+                    if ni in truth:
+                        ax.axhline(truth[ni], color="tab:red", lw=0.6)
+                if i == k - 1:
+                    ax.set_xlabel(_LABELS.get(nj, nj))
+                else:
+                    ax.set_xticklabels([])
+                if j == 0 and i > 0:
+                    ax.set_ylabel(_LABELS.get(ni, ni))
+                elif j > 0:
+                    ax.set_yticklabels([])
+                ax.tick_params(labelsize=5.5)
+        fig.subplots_adjust(wspace=0.05, hspace=0.05)
+        return fig
+
+
+def _contour(ax, x, y):
+    h, xe, ye = np.histogram2d(x, y, bins=25)
+    hs = np.sort(h.ravel())[::-1]
+    cum = np.cumsum(hs) / hs.sum()
+    levels = sorted({hs[np.searchsorted(cum, p)] for p in (0.95, 0.68)})
+    xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+    ax.plot(x[:: max(1, x.size // 2000)], y[:: max(1, y.size // 2000)], ",", color="0.6")
+    if len(levels) >= 1 and hs[0] > 0:
+        ax.contour(xc, yc, h.T, levels=levels + [hs[0] + 1], colors="k", linewidths=0.6)
+
+
+def plot_shrinkage(pooled, unpooled, *, quantity="mass_msun", truth=None, g_mag=None,
+                   figsize=(3.5, 3.2)):
+    """Per-star 68% intervals of ``quantity``: unpooled (each star alone) vs pooled
+    (hierarchical), against G magnitude; the ratio of widths is the shrinkage."""
+    p = np.asarray(pooled.stars[quantity]).reshape(-1, pooled.stars[quantity].shape[-1])
+    u = np.asarray(unpooled.stars[quantity]).reshape(-1, unpooled.stars[quantity].shape[-1])
+    qp = np.percentile(p, [16, 50, 84], axis=0)
+    qu = np.percentile(u, [16, 50, 84], axis=0)
+    x = np.arange(p.shape[1]) if g_mag is None else np.asarray(g_mag)
+    with plt.rc_context(STYLE):
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+        ax.errorbar(x + 0.03, qu[1], yerr=[qu[1] - qu[0], qu[2] - qu[1]], fmt=".", ms=2,
+                    lw=0.5, color="0.6", label="unpooled")
+        ax.errorbar(x - 0.03, qp[1], yerr=[qp[1] - qp[0], qp[2] - qp[1]], fmt=".", ms=2,
+                    lw=0.5, color="tab:blue", label="pooled (HBM)")
+        if truth is not None:
+            ax.plot(x, truth, "x", ms=3, color="tab:red", label="truth")
+        ax.set_ylabel("initial mass [M$_\\odot$]" if quantity == "mass_msun" else quantity)
+        ax.legend(frameon=False)
+        ratio = (qp[2] - qp[0]) / np.maximum(qu[2] - qu[0], 1e-12)
+        ax2.plot(x, ratio, ".", ms=2, color="k")
+        ax2.axhline(1, color="0.6", lw=0.5)
+        ax2.set_ylabel("width ratio")
+        ax2.set_xlabel("G [mag]" if g_mag is not None else "star")
+        ax2.set_title(f"median width ratio pooled/unpooled: {np.median(ratio):.2f}",
+                      fontsize=7)
+        return fig
+
+
+def plot_parallax(catalogue, result=None, *, figsize=(3.5, 2.6)):
+    """Parallax vs G with the fitted cluster distance (median and 90% band)."""
+    g = np.asarray(catalogue["phot_g_mean_mag"], float)
+    plx = np.asarray(catalogue["parallax"], float)
+    err = np.asarray(catalogue["parallax_error"], float)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=figsize)
+        ax.errorbar(g, plx, yerr=err, fmt=".", ms=2, lw=0.3, color="k", alpha=0.6)
+        if result is not None and "distance_pc" in result.population:
+            p = 1000.0 / np.asarray(result.population["distance_pc"]).ravel()
+            zp = np.asarray(result.population.get("parallax_zp_mas", 0.0)).ravel()
+            p = p + (zp if np.size(zp) == p.size else 0.0)
+            lo, med, hi = np.percentile(p, [5, 50, 95])
+            ax.axhspan(lo, hi, color="tab:blue", alpha=0.3, lw=0)
+            ax.axhline(med, color="tab:blue", lw=0.8,
+                       label=f"cluster: {1000 / med:.0f} pc")
+            ax.legend(frameon=False)
+        ax.set_xlabel("G [mag]")
+        ax.set_ylabel("parallax [mas]")
+        return fig
+
+
+def plot_trace(result, *, names=None, figsize=(7.0, 4.0)):
+    """Trace (left) and rank histograms (right) per population parameter and chain."""
+    pop = result.population
+    names = [n for n in (names or pop) if n in pop]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(names), 2, figsize=(figsize[0], 0.9 * len(names) + 0.5),
+                                 squeeze=False, gridspec_kw={"width_ratios": [3, 1]})
+        for i, n in enumerate(names):
+            x = np.asarray(pop[n])
+            ranks = np.argsort(np.argsort(x.ravel())).reshape(x.shape)
+            for c in range(x.shape[0]):
+                axes[i, 0].plot(x[c], lw=0.4)
+                axes[i, 1].hist(ranks[c], bins=20, histtype="step", lw=0.6)
+            axes[i, 0].set_ylabel(_LABELS.get(n, n), fontsize=6)
+            axes[i, 1].set_yticks([])
+        axes[-1, 0].set_xlabel("draw")
+        axes[-1, 1].set_xlabel("rank")
+        return fig
+
+
+def posterior_isochrones(result, *, n_draws=20, seed=0):
+    """Isochrone specs (for :func:`plot_cmd`) from population posterior draws + median."""
+    pop = result.population
+    keys = ("log_age", "feh", "distance_pc", "av_mag")
+    flat = {k: np.asarray(pop[k]).ravel() for k in keys}
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(flat["log_age"].size, size=min(n_draws, flat["log_age"].size),
+                     replace=False)
+    out = [dict({k: float(flat[k][i]) for k in keys}, color="tab:red", alpha=0.15, lw=0.5)
+           for i in idx]
+    med = {k: float(np.median(flat[k])) for k in keys}
+    out.append(dict(med, color="tab:red", lw=1.0, label="posterior median"))
+    return out

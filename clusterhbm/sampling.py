@@ -189,7 +189,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         n = min(chunk_size, num_warmup - done_warm)
         sl = slice(done_warm, done_warm + n)
         tc = time.perf_counter()
-        states, warms, (div, nsteps) = warm_chunk(
+        states, warms, _ = warm_chunk(
             states, warms, wkeys[:, sl], jnp.asarray(schedule[sl, 0]),
             jnp.asarray(schedule[sl, 1], bool))
         jax.block_until_ready(states)

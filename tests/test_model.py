@@ -157,7 +157,7 @@ def test_missing_bands_are_skipped_not_fatal():
 
 def test_unpooled_uses_same_code_path_without_population():
     grid = load_grid()
-    data, pop, star = _toy(jnp.float32)
+    data, _, star = _toy(jnp.float32)
     cfg = ModelConfig(band_idx=GAIA, pooled=False)
     # the unpooled broad prior: distance 1000 +- 1000 pc, so z_dist = -1.1 is d < 0
     star = dict(star, z_dist=jnp.asarray([0.1, -0.2]))
