@@ -155,7 +155,8 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     scan = jax.jit(lambda p: _isochrone_scores(grid, band_idx, data, p, eeps))
     fehs = [init["feh"]] if "feh" in init else [0.0]
     ages = [init["log_age"]] if "log_age" in init else list(np.arange(6.6, 10.21, 0.1))
-    avs = [init["av_mag"]] if "av_mag" in init else list(np.arange(0.0, 1.51, 0.1))
+    # A_V starts >= 0.05: at 0 the sampler would start on the boundary of its prior
+    avs = [init["av_mag"]] if "av_mag" in init else list(np.arange(0.05, 1.51, 0.1))
     dists = [d0] if d0 else list(10 ** (np.arange(5.0, 15.01, 0.5) / 5 + 1))
     grid1 = np.array([(a, f, d, v) for a in ages for f in fehs for d in dists for v in avs])
     s, _ = scan(jnp.asarray(grid1))
@@ -165,7 +166,8 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     ages2 = ages if "log_age" in init else list(np.clip(a0 + np.arange(-0.15, 0.151, 0.05),
                                                         6.0, 10.3))
     fehs2 = fehs if "feh" in init else list(np.asarray(grid.iso.feh)[2:])
-    avs2 = avs if "av_mag" in init else list(np.clip(v0 + np.arange(-0.1, 0.11, 0.05), 0, 6))
+    avs2 = avs if "av_mag" in init else list(np.clip(v0 + np.arange(-0.1, 0.11, 0.05), 0.05,
+                                                     6))
     dists2 = [dd] if d0 else list(dd * np.array([0.85, 0.92, 1.0, 1.08, 1.17]))
     grid2 = np.array([(a, f, d, v) for a in ages2 for f in fehs2 for d in dists2
                       for v in avs2])

@@ -32,7 +32,7 @@ are penalised by the fraction of stars that have died.)
 
 Population priors (weakly informative, overridable via :class:`Priors`):
 log_age uniform over the grid; feh ~ Normal(0, 0.5); ln distance uniform on
-[ln 10, ln 30000]; av_mag uniform on [0, 6] (sampled as softplus); each width
+[ln 10, ln 30000]; av_mag uniform on [0, 6] (sampled as 0.1 softplus(raw / 0.1)); each width
 ~ HalfNormal(scale) sampled as its log.
 
 Likelihood: Gaussian in each band with variance err^2 + floor^2 (floor 0.01 mag by
@@ -148,6 +148,10 @@ class StarData(NamedTuple):
     parallax_err_mas: jax.Array
 
 
+#: A_V = s * softplus(raw / s): linear above ~s, smooth at 0 (s = 0.1 mag)
+_AV_SCALE = 0.1
+
+
 def _softplus_inv(y):
     return jnp.log(jnp.expm1(y))
 
@@ -172,7 +176,7 @@ def population_values(pop: dict, config: ModelConfig, priors: Priors):
             "log_age": pop["log_age"],
             "feh": pop["feh"],
             "distance_pc": jnp.exp(pop["ln_distance_pc"]),
-            "av_mag": jax.nn.softplus(pop["av_raw"]),
+            "av_mag": _AV_SCALE * jax.nn.softplus(pop["av_raw"] / _AV_SCALE),
         }
         for name, on in zip(WIDTH_PARAMS, config.fit_widths):
             out[name] = jnp.exp(pop["ln_" + name]) if on else jnp.zeros_like(pop["feh"])
@@ -193,9 +197,9 @@ def log_prior_population(pop: dict, config: ModelConfig, priors: Priors, grid: M
         ok = (pop["log_age"] >= iso.log_age[0]) & (pop["log_age"] <= iso.log_age[-1])
         ok &= (pop["ln_distance_pc"] >= jnp.log(priors.distance_pc_min))
         ok &= (pop["ln_distance_pc"] <= jnp.log(priors.distance_pc_max))
-        av = jax.nn.softplus(pop["av_raw"])
+        av = _AV_SCALE * jax.nn.softplus(pop["av_raw"] / _AV_SCALE)
         ok &= av <= priors.av_max
-        lp += jax.nn.log_sigmoid(pop["av_raw"])  # d softplus / d raw
+        lp += jax.nn.log_sigmoid(pop["av_raw"] / _AV_SCALE)  # d av / d raw
         lp += -0.5 * ((pop["feh"] - priors.feh_mean) / priors.feh_sd) ** 2
         d = jnp.exp(pop["ln_distance_pc"])
         scales = (priors.sigma_log_age_scale, priors.sigma_feh_scale,
@@ -345,7 +349,8 @@ def pop_to_unconstrained(values: dict, config: ModelConfig) -> dict:
         out["log_age"] = jnp.asarray(values["log_age"], float)
         out["feh"] = jnp.asarray(values["feh"], float)
         out["ln_distance_pc"] = jnp.log(jnp.asarray(values["distance_pc"], float))
-        out["av_raw"] = _softplus_inv(jnp.maximum(jnp.asarray(values["av_mag"], float), 1e-3))
+        av = jnp.maximum(jnp.asarray(values["av_mag"], float), 0.02)
+        out["av_raw"] = _AV_SCALE * _softplus_inv(av / _AV_SCALE)
         for n, on in zip(WIDTH_PARAMS, config.fit_widths):
             if on:
                 out["ln_" + n] = jnp.log(jnp.asarray(values[n], float))

@@ -48,7 +48,7 @@ def _hand_log_density(data, pop, star, priors, grid):
     # population prior: flat log age, Normal feh, flat ln d, softplus A_V Jacobian,
     # HalfNormal widths with log-Jacobians
     total += -0.5 * ((pop["feh"] - priors.feh_mean) / priors.feh_sd) ** 2
-    raw = np.log(np.expm1(pop["av_mag"]))
+    raw = np.log(np.expm1(pop["av_mag"] / 0.1))  # raw / 0.1
     total += np.log(1 / (1 + np.exp(-raw)))
     for name, scale in (("sigma_log_age", priors.sigma_log_age_scale),
                         ("sigma_feh", priors.sigma_feh_scale),

@@ -1,0 +1,67 @@
+"""The command line: each subcommand's main([...]) at tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clusterhbm.cli import main
+
+
+@pytest.fixture(scope="module")
+def mock_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "mock.ecsv"
+    rc = main(["simulate", "--n-stars", "40", "--binary-fraction", "0.3", "--field-fraction",
+               "0.1", "--seed", "0", "-o", str(path)])
+    assert rc == 0 and path.exists()
+    return path
+
+
+def test_simulate_writes_catalogue_with_truth(mock_file):
+    from clusterhbm.simulate import read_simulation
+
+    sim = read_simulation(mock_file)
+    assert len(sim.catalogue) == 40
+    assert np.isclose(sim.params.f_bin, 0.3)
+
+
+def test_fit_summary_plot(mock_file, tmp_path, capsys):
+    out = tmp_path / "fit.h5"
+    rc = main(["fit", str(mock_file), "--chains", "1", "--warmup", "20", "--samples", "20",
+               "--no-widths", "--no-progress", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    assert "log_age" in capsys.readouterr().out
+    rc = main(["summary", str(out), "--json"])
+    js = json.loads(capsys.readouterr().out)
+    assert rc == 0 and js["n_stars"] == 40 and "distance_pc" in js["parameters"]
+    rc = main(["plot", str(out), "--catalogue", str(mock_file), "-o", str(tmp_path / "fig")])
+    assert rc == 0
+    for name in ("corner", "trace", "cmd", "parallax"):
+        assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 1000
+        assert (tmp_path / "fig" / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_cmd_figure_axis_inverted_and_labelled(mock_file):
+    from clusterhbm.plots import plot_cmd
+    from clusterhbm.simulate import read_simulation
+
+    sim = read_simulation(mock_file)
+    fig = plot_cmd(sim.catalogue, truth=sim.truth)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo > hi  # bright at the top
+    assert "G" in ax.get_ylabel() and "RP" in ax.get_xlabel()
+
+
+def test_bad_input_exit_codes(tmp_path, capsys):
+    assert main(["simulate", "--feh", "3", "-o", str(tmp_path / "x.ecsv")]) == 1
+    assert "outside the grid" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("source_id,phot_g_mean_mag\n1,12.0\n")
+    assert main(["fit", str(bad), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "phot_bp_mean_mag" in err and "missing" in err
+    assert main(["summary", str(tmp_path / "nope.h5")]) == 1
+    assert main([]) == 1
