@@ -72,6 +72,15 @@ def _log_norm(kind, m_min, m_max, alpha):
     return jax.scipy.special.logsumexp(f, b=w)
 
 
+def _cdf_table(kind, m_min, m_max, alpha):
+    """(log m nodes, CDF at the nodes) by the trapezoid rule in log m."""
+    lm, m = _quad_grid(m_min, m_max)
+    f = jnp.exp(log_imf_unnormalised(m, kind=kind, alpha=alpha) + lm)
+    dl = lm[1] - lm[0]
+    c = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (f[1:] + f[:-1]) * dl)])
+    return lm, c / c[-1]
+
+
 def log_imf(mass_msun, *, kind: str = "kroupa", m_min=0.1, m_max=10.0, alpha=2.35):
     """Normalised log dN/dm over ``[m_min, m_max]``; -inf outside."""
     lp = log_imf_unnormalised(mass_msun, kind=kind, alpha=alpha) - _log_norm(
@@ -82,21 +91,13 @@ def log_imf(mass_msun, *, kind: str = "kroupa", m_min=0.1, m_max=10.0, alpha=2.3
 
 def imf_cdf(mass_msun, *, kind: str = "kroupa", m_min=0.1, m_max=10.0, alpha=2.35):
     """Cumulative distribution of the truncated IMF (by quadrature)."""
-    lm, m = _quad_grid(m_min, m_max)
-    f = jnp.exp(log_imf_unnormalised(m, kind=kind, alpha=alpha) + lm)
-    dl = lm[1] - lm[0]
-    c = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (f[1:] + f[:-1]) * dl)])
-    c = c / c[-1]
+    lm, c = _cdf_table(kind, m_min, m_max, alpha)
     return jnp.interp(jnp.log(jnp.clip(mass_msun, m_min, m_max)), lm, c)
 
 
 def sample_imf(rng_key, n: int, *, kind: str = "kroupa", m_min=0.1, m_max=10.0,
                alpha=2.35):
     """Draw ``n`` initial masses [Msun] from the truncated IMF (inverse CDF on a fine grid)."""
-    lm, m = _quad_grid(m_min, m_max)
-    f = jnp.exp(log_imf_unnormalised(m, kind=kind, alpha=alpha) + lm)
-    dl = lm[1] - lm[0]
-    c = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (f[1:] + f[:-1]) * dl)])
-    c = c / c[-1]
+    lm, c = _cdf_table(kind, m_min, m_max, alpha)
     u = jax.random.uniform(rng_key, (n,))
     return jnp.exp(jnp.interp(u, c, lm))
