@@ -138,8 +138,13 @@ _LABELS = {"log_age": r"$\log_{10}(\mathrm{age/yr})$", "feh": "[Fe/H]",
 def plot_corner(result, *, names=None, figsize=(7.0, 7.0)):
     """Corner plot of the population parameters (1-D histograms, 2-D 68/95% contours);
     the truth, when the result has one, as lines."""
+    from .results import SUMMARY_ORDER
+
     pop = result.population
-    names = [n for n in (names or pop) if n in pop]
+    if names is None:
+        names = [n for n in SUMMARY_ORDER if n in pop] + [n for n in pop
+                                                          if n not in SUMMARY_ORDER]
+    names = [n for n in names if n in pop]
     k = len(names)
     x = {n: np.asarray(pop[n]).ravel() for n in names}
     truth = result.truth or {}
