@@ -38,6 +38,7 @@ from .model import (
     star_values,
 )
 from .photometry import observables_from_eep
+from .sampling import run_nuts
 
 __all__ = [
     "FitData",
@@ -286,7 +287,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                 grid: ModelGrid | None = None, progress: bool = False, checkpoint=None,
                 chunk_size: int = 100, max_num_doublings: int = 10,
                 target_accept: float = 0.8, use_parallax: bool = True,
-                dense_mass_matrix: bool | None = None,
+                dense_mass_matrix: bool | None = None, pseudo_mass_eps: float = 3e-3,
                 truth: dict | None = None, optimise_steps: int = 300):
     """Fit the hierarchical model to a catalogue with BlackJAX NUTS.
 
@@ -302,6 +303,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     init : optional dict of starting population values (physical units)
     progress : tqdm progress bar; checkpoint : path for chunked checkpoint/resume
     dense_mass_matrix : adapt a dense metric (default: when the dimension is <= 4000)
+    pseudo_mass_eps : eps of the per-star coordinate m + eps * EEP (large: EEP-like)
     truth : optional dict of true population values (stored with the results)
 
     Returns
@@ -328,7 +330,8 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         dense_mass_matrix = n_dim <= 4000
     band_idx = band_indices(fd.bands)
     config = ModelConfig(band_idx=band_idx, pooled=pooled, fit_widths=fit_widths,
-                         cubic=cubic, fit_parallax_zp=fit_parallax_zp, imf=imf)
+                         cubic=cubic, fit_parallax_zp=fit_parallax_zp, imf=imf,
+                         pseudo_mass_eps=pseudo_mass_eps)
     key = jax.random.key(seed) if rng_key is None else rng_key
     k_init, k_run = jax.random.split(key)
     guess, eep0 = initial_guess(fd.data, grid, band_idx, init=init)
@@ -356,7 +359,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     def transform(p):
         return derived_quantities(p, grid, config, priors)
 
-    out = run_nuts_checked(k_run, logdensity_fn, inits, num_warmup=num_warmup,
+    out = run_nuts(k_run, logdensity_fn, inits, num_warmup=num_warmup,
                            num_samples=num_samples, transform_fn=transform,
                            chunk_size=chunk_size, max_num_doublings=max_num_doublings,
                            target_accept=target_accept, progress=progress,
@@ -369,7 +372,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         "fit_parallax_zp": fit_parallax_zp, "imf": imf, "bands": list(fd.bands),
         "gaia_release": fd.release, "max_num_doublings": max_num_doublings,
         "target_accept": target_accept, "use_parallax": use_parallax,
-        "dense_mass_matrix": dense_mass_matrix,
+        "dense_mass_matrix": dense_mass_matrix, "pseudo_mass_eps": pseudo_mass_eps,
         "priors": {k: float(v) for k, v in priors._asdict().items()},
         "initial_guess": guess,
         "pop_position_keys": list(pop_position_keys(config)),
@@ -387,10 +390,3 @@ def star_log_densities(position, data: StarData, grid: ModelGrid, config: ModelC
     popv = population_values(position["pop"], config, priors)
     return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
         position["star"], popv, tuple(data), grid, config, priors)
-
-
-def run_nuts_checked(*args, **kwargs):
-    """:func:`clusterhbm.sampling.run_nuts` (separate name so tests can wrap it)."""
-    from .sampling import run_nuts
-
-    return run_nuts(*args, **kwargs)

@@ -7,6 +7,7 @@ this script:
     python scripts/sampler_check.py --n-stars 100 --warmup 500 --samples 500 --chains 2
     python scripts/sampler_check.py --log-age 9.63 ...        # an age between grid nodes
     python scripts/sampler_check.py --mass-matrix diag ...    # the diagonal metric
+    python scripts/sampler_check.py --eps 1.0 --mass-matrix diag   # ~EEP coordinate
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv=None):
     p.add_argument("--chains", type=int, default=2)
     p.add_argument("--mass-matrix", choices=("auto", "dense", "diag"), default="auto")
     p.add_argument("--cubic", action="store_true")
+    p.add_argument("--eps", type=float, default=3e-3,
+                   help="per-star coordinate m + eps*EEP (1.0 behaves like EEP)")
     p.add_argument("--widths", action="store_true", help="fit the widths too")
     p.add_argument("--sim-seed", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -35,7 +38,7 @@ def main(argv=None):
                            seed=a.sim_seed)
     res = fit_cluster(sim.catalogue, num_chains=a.chains, num_warmup=a.warmup,
                       num_samples=a.samples, seed=a.seed, fit_widths=a.widths,
-                      cubic=a.cubic, truth=sim.params._asdict(),
+                      cubic=a.cubic, truth=sim.params._asdict(), pseudo_mass_eps=a.eps,
                       dense_mass_matrix={"auto": None, "dense": True, "diag": False}[
                           a.mass_matrix])
     print(res.summary_text())
