@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .catalogue import photometric_system, validate_catalogue
+from .field import field_photometry_log_density, member_log_odds
 from .grid import ModelGrid, band_indices, load_grid
 from .model import (
     WIDTH_PARAMS,
@@ -68,15 +69,30 @@ class FitData(NamedTuple):
     source_id: np.ndarray
     rows: np.ndarray  # catalogue rows used
     release: str
+    field_info: dict | None = None
 
 
-def prepare_data(catalogue, *, use_parallax: bool = True, dtype=None) -> FitData:
+def prepare_data(catalogue, *, use_parallax: bool = True, dtype=None,
+                 g_lim: float | None = None, g_bright: float | None = None,
+                 member_prob_column: str | None = "member_prob") -> FitData:
     """Arrays for the model from a catalogue (see :mod:`clusterhbm.catalogue`).
 
     Stars without a finite G magnitude and error are dropped (counted in the log);
-    missing BP/RP or parallax are kept as NaN (the likelihood skips them).
+    missing BP/RP or parallax are kept as NaN (the likelihood skips them). Stars outside
+    ``[g_bright, g_lim]`` are dropped (counted) so that the catalogue matches the selection
+    function. ``member_prob_column`` (if present) becomes the prior membership log odds of
+    the field mixture; the photometric field density is computed here too
+    (:mod:`clusterhbm.field`).
     """
     cat = validate_catalogue(catalogue)
+    if g_lim is not None or g_bright is not None:
+        gg = np.asarray(cat["phot_g_mean_mag"], float)
+        cut = np.isfinite(gg) & ((gg > (np.inf if g_lim is None else g_lim))
+                                 | (gg < (-np.inf if g_bright is None else g_bright)))
+        if cut.any():
+            log.warning("dropped %d of %d stars outside the G limits [%s, %s]",
+                        int(cut.sum()), len(cat), g_bright, g_lim)
+            cat = cat[~cut]
     release = cat.meta.get("gaia_release", "DR3")
     names = bands_for_release(release)
     mag = np.column_stack([np.asarray(cat[_MAG_COLS[b]], float) for b in ("G", "BP", "RP")])
@@ -103,11 +119,21 @@ def prepare_data(catalogue, *, use_parallax: bool = True, dtype=None) -> FitData
              n_plx, int(np.sum(~np.isfinite(mag[keep, 1]))),
              int(np.sum(~np.isfinite(mag[keep, 2]))))
     dt = dtype or jnp.zeros(()).dtype
+    lfm, finfo = field_photometry_log_density(mag[keep], err[keep])
+    odds = None
+    if member_prob_column and member_prob_column in cat.colnames:
+        odds = jnp.asarray(member_log_odds(np.asarray(cat[member_prob_column], float)[keep]),
+                           dt)
+        log.info("membership prior from column %r", member_prob_column)
+    elif member_prob_column and member_prob_column != "member_prob":
+        raise ValueError(f"membership prior column {member_prob_column!r} not in the "
+                         f"catalogue (columns: {cat.colnames[:20]}...)")
     data = StarData(mag=jnp.asarray(mag[keep], dt), mag_err=jnp.asarray(err[keep], dt),
                     parallax_mas=jnp.asarray(plx[keep], dt),
-                    parallax_err_mas=jnp.asarray(plx_err[keep], dt))
+                    parallax_err_mas=jnp.asarray(plx_err[keep], dt),
+                    log_field_mag=jnp.asarray(lfm, dt), log_member_odds=odds)
     return FitData(data=data, bands=names, source_id=np.asarray(cat["source_id"])[keep],
-                   rows=np.flatnonzero(keep), release=release)
+                   rows=np.flatnonzero(keep), release=release, field_info=dict(finfo))
 
 
 def _distance_guess(data: StarData):
@@ -257,25 +283,50 @@ def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: f
     return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, float(best_l)
 
 
-def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: Priors):
-    """Per-draw values stored in the results: population (physical) and per star."""
-    popv = population_values(position["pop"], config, priors)
+def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: Priors,
+                       data: StarData | None = None):
+    """Per-draw values stored in the results: population (physical) and per star.
 
-    def per_star(star):
+    With ``data`` and a mixture model, each star's membership probability (``p_member``)
+    and binary probability given membership (``p_binary``) are included (Rao-Blackwellised:
+    the component responsibilities at this draw), and the population gets ``n_members``,
+    the expected number of members in the catalogue.
+    """
+    from .model import member_probabilities, population_state, star_terms
+
+    popv = population_state(position["pop"], config, priors, grid)
+
+    def per_star(star, data_i):
         eep, log_age, feh, dist, av, _ = star_values(star, popv, config, grid)
         obs = star_observables(grid, config, eep, log_age, feh, dist, av)
         p = obs.props
-        return {"eep": eep, "log_age": log_age, "feh": feh, "distance_pc": dist,
-                "av_mag": av, "mass_msun": p.initial_mass, "teff_k": 10.0 ** p.log_teff,
-                "logg": p.logg}
+        out = {"eep": eep, "log_age": log_age, "feh": feh, "distance_pc": dist,
+               "av_mag": av, "mass_msun": p.initial_mass, "teff_k": 10.0 ** p.log_teff,
+               "logg": p.logg}
+        if data_i is not None and (config.binaries or config.field):
+            t = star_terms(star, popv, data_i, grid, config, priors)
+            p_mem, p_bin = member_probabilities(t, config, popv)
+            if config.field:
+                out["p_member"] = p_mem
+            if config.binaries:
+                out["p_binary"] = p_bin
+                out["q"] = t.q
+        return out
 
-    stars = jax.vmap(per_star)(position["star"])
+    stars = jax.vmap(per_star)(position["star"], None if data is None else tuple(data))
     pop = {k: v for k, v in popv.items()
            if config.pooled and (k in ("log_age", "feh", "distance_pc", "av_mag")
                                  or (k in WIDTH_PARAMS and config.fit_widths[
                                      WIDTH_PARAMS.index(k)]))}
     if config.fit_parallax_zp:
         pop["parallax_zp_mas"] = popv["parallax_zp_mas"]
+    for k in ("f_bin", "f_field", "mf_slope", "field_parallax_mas", "field_parallax_sd_mas"):
+        if k in popv:
+            pop[k] = popv[k]
+    if "p_member" in stars:
+        pop["n_members"] = jnp.sum(stars["p_member"])
+    if config.selection and config.pooled:
+        pop["p_detect"] = jnp.exp(popv["log_p_detect"])
     return {"pop": pop, "star": stars}
 
 
@@ -288,7 +339,10 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                 chunk_size: int = 100, max_num_doublings: int = 10,
                 target_accept: float = 0.8, use_parallax: bool = True,
                 dense_mass_matrix: bool | None = None, pseudo_mass_eps: float = 3e-3,
-                truth: dict | None = None, optimise_steps: int = 300):
+                truth: dict | None = None, optimise_steps: int = 300,
+                binaries: bool = False, field: bool = False, selection: bool = False,
+                g_lim: float | None = None, g_bright: float | None = None,
+                fit_mf_slope: bool = False, member_prob_column: str | None = "member_prob"):
     """Fit the hierarchical model to a catalogue with BlackJAX NUTS.
 
     Parameters
@@ -305,6 +359,14 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     dense_mass_matrix : adapt a dense metric (default: when the dimension is <= 4000)
     pseudo_mass_eps : eps of the per-star coordinate m + eps * EEP (large: EEP-like)
     truth : optional dict of true population values (stored with the results)
+    binaries : unresolved binaries (latent mass ratio per star, fitted ``f_bin``)
+    field : field/outlier mixture component (fitted ``f_field``; per-star ``p_member``)
+    selection : the member density is normalised by the detection probability within
+        ``[g_bright, g_lim]`` (defaults: the catalogue's faintest G rounded up to 0.1 mag,
+        and no bright limit); stars outside the limits are dropped (counted)
+    fit_mf_slope : fit the power-law slope ``mf_slope`` of the mass function
+    member_prob_column : catalogue column of prior membership probabilities used by the
+        field mixture (ignored when absent)
 
     Returns
     -------
@@ -323,18 +385,52 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     for name, v in (("num_chains", num_chains), ("num_samples", num_samples)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    fd = prepare_data(catalogue, use_parallax=use_parallax)
-    n_dim = fd.data.mag.shape[0] * (1 + sum(fit_widths) if pooled else 5) + 8
+    if selection:
+        if not pooled:
+            raise ValueError("selection=True needs the pooled model")
+        if g_lim is None:
+            gcol = np.asarray(validate_catalogue(catalogue)["phot_g_mean_mag"], float)
+            g_lim = float(np.ceil(np.nanmax(gcol) * 10.0 + 1e-9) / 10.0)
+            log.info("selection: faint limit G = %.2f (the catalogue's faintest star)", g_lim)
+        priors = priors._replace(g_lim=float(g_lim),
+                                 g_bright=-5.0 if g_bright is None else float(g_bright))
+    fd = prepare_data(catalogue, use_parallax=use_parallax,
+                      g_lim=g_lim if selection else None,
+                      g_bright=g_bright if selection else None,
+                      member_prob_column=member_prob_column if field else None)
+    if field:
+        plx = np.asarray(fd.data.parallax_mas)
+        ok = np.isfinite(plx)
+        if ok.sum() >= 3:
+            med = float(np.median(plx[ok]))
+            priors = priors._replace(field_parallax_mean_mas=med)
+    per_star_dim = (1 + sum(fit_widths) if pooled else 5) + int(binaries)
+    n_dim = fd.data.mag.shape[0] * per_star_dim + 12
     if dense_mass_matrix is None:
         # the age-star coupling is nearly linear: a dense metric absorbs it (model.py)
         dense_mass_matrix = n_dim <= 4000
     band_idx = band_indices(fd.bands)
     config = ModelConfig(band_idx=band_idx, pooled=pooled, fit_widths=fit_widths,
                          cubic=cubic, fit_parallax_zp=fit_parallax_zp, imf=imf,
-                         pseudo_mass_eps=pseudo_mass_eps)
+                         pseudo_mass_eps=pseudo_mass_eps, binaries=binaries, field=field,
+                         selection=selection, fit_mf_slope=fit_mf_slope)
     key = jax.random.key(seed) if rng_key is None else rng_key
     k_init, k_run = jax.random.split(key)
     guess, eep0 = initial_guess(fd.data, grid, band_idx, init=init)
+    guess.update({k: float(v) for k, v in (init or {}).items()
+                  if k in ("f_bin", "f_field", "mf_slope", "field_parallax_mas",
+                           "field_parallax_sd_mas")})
+    if field:
+        plx = np.asarray(fd.data.parallax_mas)
+        ok = np.isfinite(plx)
+        guess.setdefault("field_parallax_mas", priors.field_parallax_mean_mas)
+        guess.setdefault("field_parallax_sd_mas", float(max(np.std(plx[ok]), 0.2))
+                         if ok.sum() >= 3 else 1.0)
+        guess.setdefault("f_field", 0.1)
+    if binaries:
+        guess.setdefault("f_bin", 0.3)
+    if fit_mf_slope:
+        guess.setdefault("mf_slope", priors.mf_slope_mean)
     if not pooled:
         priors = priors._replace(unpooled_distance_pc=guess["distance_pc"],
                                  unpooled_sigma_distance_pc=0.5 * guess["distance_pc"])
@@ -357,7 +453,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     t_init = time.perf_counter() - t_start
 
     def transform(p):
-        return derived_quantities(p, grid, config, priors)
+        return derived_quantities(p, grid, config, priors, fd.data)
 
     out = run_nuts(k_run, logdensity_fn, inits, num_warmup=num_warmup,
                            num_samples=num_samples, transform_fn=transform,
@@ -376,6 +472,11 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         "priors": {k: float(v) for k, v in priors._asdict().items()},
         "initial_guess": guess,
         "pop_position_keys": list(pop_position_keys(config)),
+        "binaries": binaries, "field": field, "selection": selection,
+        "fit_mf_slope": fit_mf_slope, "g_lim": priors.g_lim if selection else None,
+        "g_bright": priors.g_bright if selection else None,
+        "field_photometry": fd.field_info if field else None,
+        "n_catalogue": len(catalogue),
     }
     timings = dict(out.timings, init_s=t_init, wall_s=wall)
     return FitResult.from_sampler(out, source_id=fd.source_id, settings=settings,
@@ -387,6 +488,8 @@ def star_log_densities(position, data: StarData, grid: ModelGrid, config: ModelC
     """Per-star log p(theta_i | phi) + log p(D_i | theta_i) at a position, shape (N,)."""
     from .model import log_density_star
 
-    popv = population_values(position["pop"], config, priors)
+    from .model import population_state
+
+    popv = population_state(position["pop"], config, priors, grid)
     return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
         position["star"], popv, tuple(data), grid, config, priors)

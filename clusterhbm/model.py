@@ -62,12 +62,17 @@ from .photometry import Observables, photometry
 
 __all__ = [
     "POP_PARAMS",
+    "StarTerms",
+    "log_p_detect",
+    "member_probabilities",
+    "star_terms",
     "WIDTH_PARAMS",
     "ModelConfig",
     "Priors",
     "StarData",
     "log_density",
     "make_logdensity_fn",
+    "population_state",
     "population_values",
     "star_observables",
     "star_values",
@@ -91,6 +96,13 @@ class ModelConfig(NamedTuple):
     fit_parallax_zp : fit a global parallax zero-point offset
     imf : "kroupa", "chabrier" or "powerlaw"
     pseudo_mass_eps : eps of the per-star pseudo-mass coordinate [Msun per EEP] (3e-3)
+    binaries : unresolved binaries: a latent mass ratio q per star, the single/binary choice
+        marginalised per star, the binary fraction ``f_bin`` fitted
+    field : a field/outlier mixture component, the field fraction ``f_field`` fitted
+    selection : the magnitude limits ``Priors.g_lim``/``g_bright`` normalise the member
+        density (the completeness term)
+    fit_mf_slope : the mass function is a power law dN/dm ∝ m^-mf_slope over
+        ``[m_min, m_max]`` with the slope fitted (overrides ``imf``)
     """
 
     band_idx: tuple = (0, 1, 2)
@@ -100,6 +112,10 @@ class ModelConfig(NamedTuple):
     fit_parallax_zp: bool = False
     imf: str = "kroupa"
     pseudo_mass_eps: float = 3e-3
+    binaries: bool = False
+    field: bool = False
+    selection: bool = False
+    fit_mf_slope: bool = False
 
 
 class Priors(NamedTuple):
@@ -108,6 +124,15 @@ class Priors(NamedTuple):
     Units as in the names. ``*_scale`` are HalfNormal scales of the widths;
     ``sigma_distance_frac_scale`` scales the distance width relative to the distance.
     ``unpooled_*`` are the broad fixed population values of the unpooled model.
+
+    Mixture and selection (used when switched on in :class:`ModelConfig`): ``q_min`` is the
+    lower end of the uniform mass-ratio prior; ``f_bin`` ~ Beta(f_bin_a, f_bin_b) and
+    ``f_field`` ~ Beta(f_field_a, f_field_b); ``g_lim``/``g_bright`` are the faint and bright
+    G limits of the catalogue, ``selection_width_mag`` the softness of the cut;
+    ``mf_slope`` ~ Normal(mf_slope_mean, mf_slope_sd); the field parallax distribution is
+    Normal(field_parallax_mas, field_parallax_sd_mas) with a Normal(field_parallax_mean_mas,
+    field_parallax_mean_sd_mas) prior on its mean and a HalfNormal(field_parallax_sd_scale_mas)
+    prior on its sd.
     """
 
     feh_mean: float = 0.0
@@ -133,6 +158,19 @@ class Priors(NamedTuple):
     unpooled_sigma_distance_pc: float = 1000.0
     unpooled_av_mag: float = 0.3
     unpooled_sigma_av_mag: float = 1.0
+    q_min: float = 0.1
+    f_bin_a: float = 1.0
+    f_bin_b: float = 1.0
+    f_field_a: float = 1.0
+    f_field_b: float = 1.0
+    g_lim: float = 21.0
+    g_bright: float = -5.0
+    selection_width_mag: float = 0.05
+    mf_slope_mean: float = 2.35
+    mf_slope_sd: float = 1.0
+    field_parallax_mean_mas: float = 1.0
+    field_parallax_mean_sd_mas: float = 5.0
+    field_parallax_sd_scale_mas: float = 3.0
 
 
 class StarData(NamedTuple):
@@ -140,12 +178,19 @@ class StarData(NamedTuple):
 
     mag, mag_err : (N, B) apparent magnitude and its error [mag]
     parallax_mas, parallax_err_mas : (N,)
+    log_field_mag : (N,) log density of each star's photometry under the field component
+        (see :func:`clusterhbm.field.field_photometry_log_density`; used with
+        ``ModelConfig.field``)
+    log_member_odds : (N,) prior log odds of membership from astrometry (0: neutral; see
+        :func:`clusterhbm.field.member_log_odds`)
     """
 
     mag: jax.Array
     mag_err: jax.Array
     parallax_mas: jax.Array
     parallax_err_mas: jax.Array
+    log_field_mag: jax.Array | None = None
+    log_member_odds: jax.Array | None = None
 
 
 #: A_V = s * softplus(raw / s): linear above ~s, smooth at 0 (s = 0.1 mag)
@@ -182,6 +227,14 @@ def population_values(pop: dict, config: ModelConfig, priors: Priors):
             out[name] = jnp.exp(pop["ln_" + name]) if on else jnp.zeros_like(pop["feh"])
     out["parallax_zp_mas"] = (pop["parallax_zp_mas"] if config.fit_parallax_zp
                               else jnp.asarray(priors.parallax_zp_mas, out["feh"].dtype))
+    if config.binaries:
+        out["f_bin"] = jax.nn.sigmoid(pop["logit_f_bin"])
+    if config.field:
+        out["f_field"] = jax.nn.sigmoid(pop["logit_f_field"])
+        out["field_parallax_mas"] = pop["field_parallax_mas"]
+        out["field_parallax_sd_mas"] = jnp.exp(pop["ln_field_parallax_sd_mas"])
+    if config.fit_mf_slope:
+        out["mf_slope"] = pop["mf_slope"]
     return out
 
 
@@ -212,6 +265,20 @@ def log_prior_population(pop: dict, config: ModelConfig, priors: Priors, grid: M
     if config.fit_parallax_zp:
         lp += -0.5 * ((pop["parallax_zp_mas"] - priors.parallax_zp_mas)
                       / priors.parallax_zp_sd_mas) ** 2
+    # fractions: Beta(a, b) on f = sigmoid(x), Jacobian f (1 - f) included
+    if config.binaries:
+        x = pop["logit_f_bin"]
+        lp += priors.f_bin_a * jax.nn.log_sigmoid(x) + priors.f_bin_b * jax.nn.log_sigmoid(-x)
+    if config.field:
+        x = pop["logit_f_field"]
+        lp += (priors.f_field_a * jax.nn.log_sigmoid(x)
+               + priors.f_field_b * jax.nn.log_sigmoid(-x))
+        lp += -0.5 * ((pop["field_parallax_mas"] - priors.field_parallax_mean_mas)
+                      / priors.field_parallax_mean_sd_mas) ** 2
+        ls = pop["ln_field_parallax_sd_mas"]
+        lp += _log_halfnormal(jnp.exp(ls), priors.field_parallax_sd_scale_mas) + ls
+    if config.fit_mf_slope:
+        lp += -0.5 * ((pop["mf_slope"] - priors.mf_slope_mean) / priors.mf_slope_sd) ** 2
     return lp
 
 
@@ -253,7 +320,16 @@ def star_observables(grid: ModelGrid, config: ModelConfig, eep, log_age, feh, di
     return photometry(grid.bc, props, feh, dist, av, config.band_idx, cubic=config.cubic)
 
 
-def _log_mass_prior(grid, config, priors, eep, log_age, feh):
+def _imf_kwargs(config, priors, popv):
+    """Keyword arguments of the mass prior (the fitted slope when ``fit_mf_slope``)."""
+    if config.fit_mf_slope:
+        return {"kind": "powerlaw", "m_min": priors.m_min, "m_max": priors.m_max,
+                "alpha": popv["mf_slope"]}
+    return {"kind": config.imf, "m_min": priors.m_min, "m_max": priors.m_max,
+            "alpha": priors.imf_alpha}
+
+
+def _log_mass_prior(grid, config, priors, popv, eep, log_age, feh):
     """log IMF(m) + log(m' / (m' + eps)) - log Z(age, feh), and the mass (m' = dm/dEEP)."""
 
     def mass_of(e):
@@ -261,8 +337,7 @@ def _log_mass_prior(grid, config, priors, eep, log_age, feh):
                           columns=(COL_INITIAL_MASS,)).initial_mass
 
     m, dm = jax.jvp(mass_of, (eep,), (jnp.ones_like(eep),))
-    kw = {"kind": config.imf, "m_min": priors.m_min, "m_max": priors.m_max,
-          "alpha": priors.imf_alpha}
+    kw = _imf_kwargs(config, priors, popv)
     dm = jnp.maximum(dm, 0.0)
     eps = config.pseudo_mass_eps
     lp = log_imf(m, **kw) + jnp.log(jnp.maximum(dm, 1e-12) / (dm + eps))
@@ -286,18 +361,175 @@ def log_likelihood_star(obs: Observables, mag, mag_err, plx, plx_err, zp, floor)
     return ll
 
 
-def log_density_star(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelConfig,
-                     priors: Priors):
-    """log p(theta_i | phi) + log p(D_i | theta_i) for one star (non-centred z's included)."""
+def _add_mags(m1, m2, lit2):
+    """Magnitudes of an unresolved pair (the secondary adds no light where not ``lit2``)."""
+    f2 = jnp.where(lit2, 10.0 ** (-0.4 * (m2 - m1)), 0.0)
+    return m1 - 2.5 * jnp.log10(1.0 + f2)
+
+
+def _log_normal_parallax(plx, plx_err, mean, sd):
+    ok = jnp.isfinite(plx) & jnp.isfinite(plx_err) & (plx_err > 0)
+    var = jnp.where(ok, plx_err, 1.0) ** 2 + sd ** 2
+    r = jnp.where(ok, plx, 0.0) - mean
+    return jnp.where(ok, -0.5 * (r * r / var + jnp.log(var) + _LOG_2PI), 0.0)
+
+
+class StarTerms(NamedTuple):
+    """The pieces of one star's log density (see :func:`star_terms`).
+
+    log_prior : log p(theta_i | phi) (mass prior, z's, q)
+    ll_single, ll_binary : log likelihood as a single star / as an unresolved binary
+    ll_member : log of the member likelihood (binaries marginalised), divided by the
+        detection probability when ``selection``
+    ll_field : log likelihood under the field component (0 without ``field``)
+    log_w_member, log_w_field : log prior weights of the two components
+    valid : theta_i inside the grid
+    q : mass ratio (0 without ``binaries``)
+    """
+
+    log_prior: jax.Array
+    ll_single: jax.Array
+    ll_binary: jax.Array
+    ll_member: jax.Array
+    ll_field: jax.Array
+    log_w_member: jax.Array
+    log_w_field: jax.Array
+    valid: jax.Array
+    q: jax.Array
+
+
+def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelConfig,
+               priors: Priors) -> StarTerms:
+    """The log-density pieces of one star (pure; vmap over stars)."""
     eep, log_age, feh, dist, av, ok = star_values(star, popv, config, grid)
     obs = star_observables(grid, config, eep, log_age, feh, dist, av)
-    lp_mass, _ = _log_mass_prior(grid, config, priors, eep, log_age, feh)
+    lp_mass, m1 = _log_mass_prior(grid, config, priors, popv, eep, log_age, feh)
     lz = sum(-0.5 * star[k] ** 2 for k in ("z_age", "z_feh", "z_dist", "z_av") if k in star)
-    mag, mag_err, plx, plx_err = data_i
-    ll = log_likelihood_star(obs, mag, mag_err, plx, plx_err, popv["parallax_zp_mas"],
-                             priors.mag_floor)
-    total = lp_mass + lz + ll
-    return jnp.where(obs.valid & ok & jnp.isfinite(total), total, -jnp.inf)
+    mag, mag_err, plx, plx_err = data_i[:4]
+    zp = popv["parallax_zp_mas"]
+    ll_s = log_likelihood_star(obs, mag, mag_err, plx, plx_err, zp, priors.mag_floor)
+    zero = jnp.zeros_like(ll_s)
+    log_prior = lp_mass + lz
+    ll_b, q = zero, zero
+    ll_m = ll_s
+    if config.binaries:
+        x = star["q_raw"]
+        q = priors.q_min + (1.0 - priors.q_min) * jax.nn.sigmoid(x)
+        log_prior += jax.nn.log_sigmoid(x) + jax.nn.log_sigmoid(-x)  # uniform q
+        eep2, ok2 = eep_from_mass(grid.iso, q * m1, log_age, feh, cubic=config.cubic)
+        obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av)
+        lit2 = ok2 & obs2.valid
+        obs_b = obs._replace(mags=_add_mags(obs.mags, obs2.mags, lit2))
+        ll_b = log_likelihood_star(obs_b, mag, mag_err, plx, plx_err, zp, priors.mag_floor)
+        f = popv["f_bin"]
+        ll_m = jnp.logaddexp(jnp.log1p(-f) + ll_s, jnp.log(f) + ll_b)
+    if config.selection:
+        ll_m = ll_m - popv["log_p_detect"]
+    ll_f = zero
+    lw_m, lw_f = zero, jnp.full_like(zero, -jnp.inf)
+    if config.field:
+        ll_f = data_i[4] + _log_normal_parallax(plx, plx_err, popv["field_parallax_mas"],
+                                                popv["field_parallax_sd_mas"])
+        odds = jnp.log1p(-popv["f_field"]) - jnp.log(popv["f_field"])
+        if len(data_i) > 5 and data_i[5] is not None:
+            odds = odds + data_i[5]
+        lw_m, lw_f = jax.nn.log_sigmoid(odds), jax.nn.log_sigmoid(-odds)
+    valid = obs.valid & ok & jnp.isfinite(log_prior)
+    return StarTerms(log_prior, ll_s, ll_b, ll_m, ll_f, lw_m, lw_f, valid, q)
+
+
+def log_density_star(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelConfig,
+                     priors: Priors):
+    """log p(theta_i | phi) + log p(D_i | theta_i) for one star (non-centred z's included).
+
+    With the field component, p(D_i | theta_i) is the mixture
+    w_member L_member(theta_i) + w_field L_field (theta_i's prior is proper, so integrating
+    theta_i out leaves the usual mixture of marginal likelihoods).
+    """
+    t = star_terms(star, popv, data_i, grid, config, priors)
+    ll = t.ll_member
+    if config.field:
+        # where the member term is -inf (e.g. a star far off the isochrone in float32) the
+        # field term carries the star; logaddexp is safe for one -inf argument
+        ll = jnp.logaddexp(t.log_w_member + t.ll_member, t.log_w_field + t.ll_field)
+    total = t.log_prior + ll
+    return jnp.where(t.valid & jnp.isfinite(total), total, -jnp.inf)
+
+
+def member_probabilities(t: StarTerms, config: ModelConfig, popv: dict):
+    """Per-draw (p_member, p_binary | member) of one star from its :class:`StarTerms`."""
+    p_mem = jnp.ones_like(t.ll_single)
+    if config.field:
+        a = t.log_w_member + t.ll_member
+        p_mem = jnp.exp(a - jnp.logaddexp(a, t.log_w_field + t.ll_field))
+    p_bin = jnp.zeros_like(t.ll_single)
+    if config.binaries:
+        f = popv["f_bin"]
+        a = jnp.log(f) + t.ll_binary
+        p_bin = jnp.exp(a - jnp.logaddexp(a, jnp.log1p(-f) + t.ll_single))
+    return p_mem, p_bin
+
+
+def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors,
+                 n_q: int = 8):
+    """log P(detected | member, phi): the completeness term of the member density.
+
+    P = integral IMF(m) S(G(m)) dm / integral IMF(m) dm over the masses alive at the
+    population's mean (log age, [Fe/H]), distance and A_V, with
+    S(G) = Phi((g_lim - G) / w) Phi((G - g_bright) / w), by the trapezoid rule on the
+    isochrone's EEP nodes (exact node masses, no inversion). With binaries, the binary
+    term averages S over ``n_q`` mid-point mass ratios, the secondary's G interpolated in
+    mass along the same nodes. Widths are neglected here (the normaliser is evaluated at
+    the population means), a good approximation when the widths are small against the
+    distance from the limit.
+    """
+    from .photometry import bolometric_correction  # noqa: F401  (documentation link)
+
+    iso = grid.iso
+    la, fe = popv["log_age"], popv["feh"]
+    eeps = iso.eep
+    lo, hi = eep_range(iso, la, fe)
+    props = jax.vmap(lambda e: interp_eep(iso, e, la, fe, cubic=False))(eeps)
+    obs = jax.vmap(lambda pr: photometry(grid.bc, pr, fe, popv["distance_pc"],
+                                         popv["av_mag"], config.band_idx[:1],
+                                         cubic=False))(props)
+    g = obs.mags[:, 0]
+    inside = (eeps >= lo) & (eeps <= hi) & obs.valid
+    m = jnp.where(inside, props.initial_mass, 0.0)
+    kw = _imf_kwargs(config, priors, popv)
+    f_imf = jnp.where(inside, jnp.exp(log_imf(jnp.maximum(m, priors.m_min), **kw)), 0.0)
+    w = priors.selection_width_mag
+
+    def sel(gg):
+        return ndtr((priors.g_lim - gg) / w) * ndtr((gg - priors.g_bright) / w)
+
+    s_single = sel(jnp.where(inside, g, 99.0))
+    if config.binaries:
+        qs = priors.q_min + (1.0 - priors.q_min) * (jnp.arange(n_q) + 0.5) / n_q
+        m_sorted = jnp.where(inside, m, jnp.where(eeps < lo, -1.0, 1e3))
+        g2 = jnp.interp(qs[:, None] * m[None, :], m_sorted, jnp.where(inside, g, 99.0),
+                        left=99.0, right=99.0)
+        lit = (qs[:, None] * m[None, :]) >= jnp.min(jnp.where(inside, m, 1e3))
+        gb = _add_mags(g[None, :], g2, lit)
+        s_bin = jnp.mean(sel(jnp.where(inside[None, :], gb, 99.0)), axis=0)
+        f = popv["f_bin"]
+        s_tot = (1.0 - f) * s_single + f * s_bin
+    else:
+        s_tot = s_single
+    dm = jnp.where(inside[1:] & inside[:-1], m[1:] - m[:-1], 0.0)
+    num = jnp.sum(0.5 * (f_imf[1:] * s_tot[1:] + f_imf[:-1] * s_tot[:-1]) * dm)
+    den = jnp.sum(0.5 * (f_imf[1:] + f_imf[:-1]) * dm)
+    return jnp.log(jnp.maximum(num, 1e-30)) - jnp.log(jnp.maximum(den, 1e-30))
+
+
+def population_state(pop: dict, config: ModelConfig, priors: Priors, grid: ModelGrid):
+    """:func:`population_values` plus what every star shares (the detection probability)."""
+    popv = population_values(pop, config, priors)
+    if config.selection:
+        if not config.pooled:
+            raise ValueError("the selection function needs the pooled model")
+        popv["log_p_detect"] = log_p_detect(popv, grid, config, priors)
+    return popv
 
 
 def log_density(position: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
@@ -307,7 +539,7 @@ def log_density(position: dict, data: StarData, grid: ModelGrid, config: ModelCo
     ``position = {"pop": {...}, "star": {"s": (N,), "z_age": (N,), ...}}``; see
     :func:`clusterhbm.fit.initial_position` for the keys present under each config.
     """
-    popv = population_values(position["pop"], config, priors)
+    popv = population_state(position["pop"], config, priors, grid)
     lp = log_prior_population(position["pop"], config, priors, grid)
     per_star = jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
         position["star"], popv, tuple(data), grid, config, priors)
@@ -318,6 +550,9 @@ def make_logdensity_fn(data: StarData, grid: ModelGrid, config: ModelConfig,
                        priors: Priors | None = None):
     """``logdensity_fn(position)`` for BlackJAX, closing over data, grid and priors."""
     priors = Priors() if priors is None else priors
+    if config.field and data.log_field_mag is None:
+        raise ValueError("ModelConfig(field=True) needs StarData.log_field_mag (see "
+                         "clusterhbm.field.field_photometry_log_density)")
 
     def logdensity_fn(position):
         return log_density(position, data, grid, config, priors)
@@ -333,13 +568,20 @@ def pop_position_keys(config: ModelConfig) -> tuple:
         keys += ["ln_" + n for n, on in zip(WIDTH_PARAMS, config.fit_widths) if on]
     if config.fit_parallax_zp:
         keys.append("parallax_zp_mas")
+    if config.binaries:
+        keys.append("logit_f_bin")
+    if config.field:
+        keys += ["logit_f_field", "field_parallax_mas", "ln_field_parallax_sd_mas"]
+    if config.fit_mf_slope:
+        keys.append("mf_slope")
     return tuple(keys)
 
 
 def star_position_keys(config: ModelConfig) -> tuple:
     """Keys of ``position["star"]`` for a config."""
     fw = config.fit_widths if config.pooled else (True, True, True, True)
-    return ("s",) + tuple(k for k, on in zip(("z_age", "z_feh", "z_dist", "z_av"), fw) if on)
+    keys = ("s",) + tuple(k for k, on in zip(("z_age", "z_feh", "z_dist", "z_av"), fw) if on)
+    return keys + (("q_raw",) if config.binaries else ())
 
 
 def pop_to_unconstrained(values: dict, config: ModelConfig) -> dict:
@@ -356,4 +598,18 @@ def pop_to_unconstrained(values: dict, config: ModelConfig) -> dict:
                 out["ln_" + n] = jnp.log(jnp.asarray(values[n], float))
     if config.fit_parallax_zp:
         out["parallax_zp_mas"] = jnp.asarray(values.get("parallax_zp_mas", 0.0), float)
+
+    def logit(p):
+        p = jnp.asarray(p, float)
+        return jnp.log(p) - jnp.log1p(-p)
+
+    if config.binaries:
+        out["logit_f_bin"] = logit(values.get("f_bin", 0.3))
+    if config.field:
+        out["logit_f_field"] = logit(values.get("f_field", 0.1))
+        out["field_parallax_mas"] = jnp.asarray(values.get("field_parallax_mas", 1.0), float)
+        out["ln_field_parallax_sd_mas"] = jnp.log(jnp.asarray(
+            values.get("field_parallax_sd_mas", 1.0), float))
+    if config.fit_mf_slope:
+        out["mf_slope"] = jnp.asarray(values.get("mf_slope", 2.35), float)
     return out
