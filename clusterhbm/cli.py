@@ -104,6 +104,25 @@ def _add_fit(sub):
     p.add_argument("--gaia-release", default=None, help="override the catalogue's release")
     p.add_argument("--members-only", type=float, default=None, metavar="P",
                    help="keep stars with member_prob >= P")
+    p.add_argument("--binaries", action="store_true",
+                   help="unresolved binaries (fits the binary fraction f_bin)")
+    p.add_argument("--field", action="store_true",
+                   help="field/outlier mixture (fits f_field; per-star p_member)")
+    p.add_argument("--selection", action="store_true",
+                   help="normalise by the detection probability within the G limits")
+    p.add_argument("--g-lim", type=float, default=None,
+                   help="faint G limit of the catalogue (implies --selection) "
+                        "[the faintest star]")
+    p.add_argument("--g-bright", type=float, default=None, help="bright G limit")
+    p.add_argument("--fit-mf-slope", action="store_true",
+                   help="fit the power-law slope of the mass function (mf_slope)")
+    p.add_argument("--full", action="store_true",
+                   help="the real-cluster model: --binaries --field --selection "
+                        "--fit-mf-slope")
+    p.add_argument("--imf", default="kroupa", choices=("kroupa", "chabrier", "powerlaw"))
+    p.add_argument("--priors", default=None, metavar="TOML",
+                   help="TOML file with a [priors] table overriding clusterhbm.model.Priors "
+                        "fields, e.g. feh_sd = 0.2")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file: saved every chunk; a rerun resumes from it")
     p.add_argument("--chunk-size", type=int, default=100)
@@ -143,8 +162,9 @@ def _run_fit(a) -> int:
 
     import numpy as np
 
-    from .fit import fit_cluster
+    from .fit import fit_cluster, priors_from_toml
 
+    priors = priors_from_toml(a.priors) if a.priors else None  # fail before any fetch
     cat = _load_catalogue(a.catalogue, a.gaia_release)
     if a.members_only is not None:
         if "member_prob" not in cat.colnames:
@@ -169,11 +189,18 @@ def _run_fit(a) -> int:
 
         pop = cat.meta.get("population", {})
         truth = {k: pop[k] for k in POP_NAMES if k in pop}
+    full = a.full
     res = fit_cluster(cat, num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
                       seed=a.seed, pooled=not a.unpooled, fit_widths=widths, cubic=a.cubic,
                       fit_parallax_zp=a.fit_parallax_zp, use_parallax=not a.no_parallax,
-                      dense_mass_matrix={"auto": None, "dense": True, "diag": False}[a.mass_matrix], progress=not a.no_progress,
-                      checkpoint=a.checkpoint, chunk_size=a.chunk_size, truth=truth)
+                      dense_mass_matrix={"auto": None, "dense": True,
+                                         "diag": False}[a.mass_matrix],
+                      progress=not a.no_progress, checkpoint=a.checkpoint,
+                      chunk_size=a.chunk_size, truth=truth, priors=priors, imf=a.imf,
+                      binaries=a.binaries or full, field=a.field or full,
+                      selection=a.selection or full or a.g_lim is not None,
+                      g_lim=a.g_lim, g_bright=a.g_bright,
+                      fit_mf_slope=a.fit_mf_slope or full)
     path = res.to_hdf5(a.output)
     if a.json:
         print(json.dumps(res.summary_json(), indent=2))
@@ -309,8 +336,19 @@ def _run_plot(a) -> int:
         figs["corner"] = plot_corner(res)
         figs["trace"] = plot_trace(res)
         if a.catalogue:
+            import numpy as np
+
             cat = _load_catalogue(a.catalogue)
-            figs["cmd"] = plot_cmd(cat, isochrones=posterior_isochrones(res))
+            rows = {s: i for i, s in enumerate(np.asarray(cat["source_id"]))}
+            missing = [s for s in res.source_id if s not in rows]
+            if missing:
+                raise ValueError(f"--catalogue lacks {len(missing)} of the fitted stars "
+                                 f"(e.g. source_id {missing[0]}); pass the fitted catalogue")
+            cat = cat[np.array([rows[s] for s in res.source_id], dtype=int)]
+            pm = res.stars["p_member"].mean(axis=(0, 1)) if "p_member" in res.stars else None
+            pb = res.stars["p_binary"].mean(axis=(0, 1)) if "p_binary" in res.stars else None
+            figs["cmd"] = plot_cmd(cat, member_prob=pm, binary_prob=pb,
+                                   isochrones=posterior_isochrones(res))
             if "parallax" in cat.colnames:
                 figs["parallax"] = plot_parallax(cat, res)
     else:

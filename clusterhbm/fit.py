@@ -33,7 +33,6 @@ from .model import (
     make_logdensity_fn,
     pop_position_keys,
     pop_to_unconstrained,
-    population_values,
     star_observables,
     star_position_keys,
     star_values,
@@ -48,6 +47,7 @@ __all__ = [
     "initial_guess",
     "initial_positions",
     "prepare_data",
+    "priors_from_toml",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,36 @@ def prepare_data(catalogue, *, use_parallax: bool = True, dtype=None,
                    rows=np.flatnonzero(keep), release=release, field_info=dict(finfo))
 
 
+def priors_from_toml(path) -> Priors:
+    """:class:`~clusterhbm.model.Priors` with the fields of a TOML file's ``[priors]`` table.
+
+    Unknown keys and non-numeric values are errors that name the key; the defaults (and
+    their units) are documented on :class:`~clusterhbm.model.Priors`.
+    """
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"priors file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"priors file {path} is not valid TOML: {e}") from None
+    table = doc.get("priors", doc)
+    fields = Priors._fields
+    bad = [k for k in table if k not in fields]
+    if bad:
+        raise ValueError(f"priors file {path}: unknown field(s) {bad}; allowed: "
+                         f"{list(fields)}")
+    values = {}
+    for k, v in table.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"priors file {path}: {k} must be a number, got {v!r}")  # noqa: TRY004
+        values[k] = float(v)
+    return Priors()._replace(**values)
+
+
 def _distance_guess(data: StarData):
     plx = np.asarray(data.parallax_mas)
     err = np.asarray(data.parallax_err_mas)
@@ -179,7 +209,16 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     d0 = init.get("distance_pc") or _distance_guess(data)
     e = np.asarray(grid.iso.eep)
     eeps = jnp.asarray(np.arange(e[0], e[-1] + 1, 2.0), e.dtype)
-    scan = jax.jit(lambda p: _isochrone_scores(grid, band_idx, data, p, eeps))
+    # Score on the brightest 8 mag (turnoff, subgiants, giants and the upper main
+    # sequence carry the age): faint M dwarfs, where model colours are least reliable,
+    # would otherwise prefer a pre-main sequence (a young age) in real clusters.
+    g = np.asarray(data.mag[:, 0])
+    bright = g <= np.nanmin(g) + 8.0
+    scan_data = data
+    if bright.sum() >= 20 and not bright.all():
+        idx = np.flatnonzero(bright)
+        scan_data = jax.tree.map(lambda x: x[idx] if x is not None else None, data)
+    scan = jax.jit(lambda p: _isochrone_scores(grid, band_idx, scan_data, p, eeps))
     fehs = [init["feh"]] if "feh" in init else [0.0]
     ages = [init["log_age"]] if "log_age" in init else list(np.arange(6.6, 10.21, 0.1))
     # A_V starts >= 0.05: at 0 the sampler would start on the boundary of its prior
@@ -205,7 +244,11 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     out.update({k2: v2 for k2, v2 in init.items() if k2 in out})
     log.info("initial guess: log_age %.2f, [Fe/H] %.2f, distance %.0f pc, A_V %.2f", a, f,
              d, v)
-    return out, np.asarray(eep2[k])
+    if scan_data is data:
+        return out, np.asarray(eep2[k])
+    # every star's nearest EEP on the chosen isochrone
+    _, eep_all = _isochrone_scores(grid, band_idx, data, jnp.asarray(grid2[k:k + 1]), eeps)
+    return out, np.asarray(eep_all[0])
 
 
 def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_chains: int, *,
@@ -486,9 +529,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
 def star_log_densities(position, data: StarData, grid: ModelGrid, config: ModelConfig,
                        priors: Priors):
     """Per-star log p(theta_i | phi) + log p(D_i | theta_i) at a position, shape (N,)."""
-    from .model import log_density_star
-
-    from .model import population_state
+    from .model import log_density_star, population_state
 
     popv = population_state(position["pop"], config, priors, grid)
     return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(

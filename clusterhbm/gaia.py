@@ -124,6 +124,7 @@ __all__ = [
     "read_cache",
     "resolve_cluster",
     "run_fetch",
+    "seed_cache",
     "write_cache",
 ]
 
@@ -1317,6 +1318,27 @@ def write_cache(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def seed_cache(
+    name: str, table: Table, *, cache_dir: str | Path | None = None, radius_deg: float | None = None,
+    gmax: float | None = None, with_2mass: bool = False, row_limit: int = DEFAULT_ROW_LIMIT,
+    release: str = "DR3", query_date: str | None = None,
+) -> Path:
+    """Pre-seed the cache with ``table`` as the answer to the query :func:`fetch` would send.
+
+    For offline work, tests and CI: afterwards ``fetch(name, offline=True, ...)`` with the
+    same query options serves ``table`` (quality cuts and membership are applied then, as
+    for a real answer). A ``member`` label column, if present, is kept for evaluation.
+    Returns the cache file's path.
+    """
+    adql = build_query(name, radius_deg=radius_deg, gmax=gmax, with_2mass=with_2mass,
+                       row_limit=row_limit, release=release)
+    path = cache_path(adql, cluster=name, release=release, cache_dir=cache_dir)
+    response = table.copy()
+    response.meta = {}
+    return write_cache(response, path, adql=adql, cluster=name, release=release,
+                       query_date=query_date)
 
 
 def read_cache(path: str | Path, *, adql: str | None = None) -> Table:

@@ -62,19 +62,19 @@ from .photometry import Observables, photometry
 
 __all__ = [
     "POP_PARAMS",
-    "StarTerms",
-    "log_p_detect",
-    "member_probabilities",
-    "star_terms",
     "WIDTH_PARAMS",
     "ModelConfig",
     "Priors",
     "StarData",
+    "StarTerms",
     "log_density",
+    "log_p_detect",
     "make_logdensity_fn",
+    "member_probabilities",
     "population_state",
     "population_values",
     "star_observables",
+    "star_terms",
     "star_values",
 ]
 

@@ -14,7 +14,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["STYLE", "isochrone_curve", "plot_cmd", "save_figure"]
+__all__ = ["STYLE", "isochrone_curve", "plot_cmd", "plot_corner", "plot_parallax",
+           "plot_shrinkage", "plot_trace", "plot_truth", "posterior_isochrones", "save_figure"]
 
 STYLE = {
     "font.size": 8,
@@ -132,7 +133,8 @@ _LABELS = {"log_age": r"$\log_{10}(\mathrm{age/yr})$", "feh": "[Fe/H]",
            "distance_pc": "distance [pc]", "av_mag": r"$A_V$ [mag]",
            "sigma_log_age": r"$\sigma_{\log\,\mathrm{age}}$", "sigma_feh": r"$\sigma_{\rm [Fe/H]}$",
            "sigma_distance_pc": r"$\sigma_d$ [pc]", "sigma_av_mag": r"$\sigma_{A_V}$",
-           "parallax_zp_mas": "parallax zp [mas]"}
+           "parallax_zp_mas": "parallax zp [mas]", "f_bin": r"$f_{\rm bin}$",
+           "f_field": r"$f_{\rm field}$", "mf_slope": r"MF slope $\alpha$"}
 
 
 def plot_corner(result, *, names=None, figsize=(7.0, 7.0)):
@@ -279,3 +281,49 @@ def posterior_isochrones(result, *, n_draws=20, seed=0):
     med = {k: float(np.median(flat[k])) for k in keys}
     out.append(dict(med, color="tab:red", lw=1.0, label="posterior median"))
     return out
+
+
+def plot_truth(result, *, star_truth=None, quantity="mass_msun", figsize=(7.0, 2.8)):
+    """Posterior against truth for a mock.
+
+    Left: for each population parameter with a true value, (posterior - truth) / sd as the
+    median and 68%/95% intervals (a calibrated fit scatters within +-2). Right (when
+    ``star_truth``, an array (N,) of true per-star values of ``quantity``, is given): each
+    star's posterior median and 68% interval against its true value.
+    """
+    from .results import SUMMARY_ORDER
+
+    truth = result.truth or {}
+    names = [k for k in SUMMARY_ORDER if k in result.population and k in truth]
+    with plt.rc_context(STYLE):
+        ncol = 2 if star_truth is not None else 1
+        fig, axes = plt.subplots(1, ncol, figsize=figsize if ncol == 2 else (3.5, 2.8),
+                                 squeeze=False)
+        ax = axes[0, 0]
+        for i, k in enumerate(names):
+            x = np.asarray(result.population[k], float).ravel()
+            sd = np.std(x) if np.std(x) > 0 else 1.0
+            z = (x - truth[k]) / sd
+            q = np.percentile(z, [2.5, 16, 50, 84, 97.5])
+            ax.plot([q[0], q[4]], [i, i], color="0.6", lw=0.8)
+            ax.plot([q[1], q[3]], [i, i], color="k", lw=2)
+            ax.plot(q[2], i, "o", color="tab:red", ms=3)
+        ax.axvline(0, color="tab:blue", lw=0.8)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([_LABELS.get(k, k) for k in names])
+        ax.set_xlabel("(posterior - truth) / posterior sd")
+        ax.invert_yaxis()
+        if star_truth is not None:
+            ax = axes[0, 1]
+            draws = np.asarray(result.stars[quantity]).reshape(
+                -1, result.stars[quantity].shape[-1])
+            q = np.percentile(draws, [16, 50, 84], axis=0)
+            t = np.asarray(star_truth, float)
+            ax.errorbar(t, q[1], yerr=[q[1] - q[0], q[2] - q[1]], fmt=".", ms=2, lw=0.5,
+                        color="k", alpha=0.6)
+            lim = [np.nanmin(t), np.nanmax(t)]
+            ax.plot(lim, lim, color="tab:red", lw=0.8)
+            ax.set_xlabel(f"true {quantity}")
+            ax.set_ylabel(f"posterior {quantity}")
+        fig.tight_layout()
+        return fig

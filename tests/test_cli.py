@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +66,30 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     assert "phot_bp_mean_mag" in err and "missing" in err
     assert main(["summary", str(tmp_path / "nope.h5")]) == 1
     assert main([]) == 1
+
+
+def test_priors_from_toml(tmp_path):
+    """The --priors file: values override the defaults; bad names and values are named."""
+    from clusterhbm.fit import priors_from_toml
+    from clusterhbm.model import Priors
+
+    good = tmp_path / "p.toml"
+    good.write_text("[priors]\nfeh_sd = 0.2\nmag_floor = 0.02\nf_bin_a = 2\n")
+    pr = priors_from_toml(good)
+    assert pr.feh_sd == 0.2 and pr.mag_floor == 0.02 and pr.f_bin_a == 2.0
+    assert pr.feh_mean == Priors().feh_mean
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[priors]\nfeh_sigma = 0.2\n")
+    with pytest.raises(ValueError, match="feh_sigma"):
+        priors_from_toml(bad)
+    bad.write_text("[priors]\nfeh_sd = 'small'\n")
+    with pytest.raises(ValueError, match="feh_sd must be a number"):
+        priors_from_toml(bad)
+    bad.write_text("[priors\nfeh_sd = 0.2\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        priors_from_toml(bad)
+    # the example shipped in docs/ parses
+    example = Path(__file__).resolve().parents[1] / "docs" / "priors_example.toml"
+    assert priors_from_toml(example).feh_sd == 0.2
+    # and the CLI reports a bad file as exit code 1, one line
+    assert main(["fit", "nonexistent.ecsv", "--priors", str(bad)]) == 1

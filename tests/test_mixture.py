@@ -168,7 +168,6 @@ def test_field_photometric_density_is_normalised():
     g0, c0 = 15.0, 1.5
     rps = np.linspace(g0 - 3, g0 + 3, 20001)
     rows = np.column_stack([np.full_like(rps, g0), rps + c0, rps])
-    errs = np.full(rows.shape, 0.01)
     # evaluate with the fitted locus: append the rows to the fitting sample's info
     coef = info["locus"][2]["coef"]
     s = info["locus"][2]["scatter"]
