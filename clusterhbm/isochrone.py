@@ -36,7 +36,9 @@ from .grid import (
 )
 from .interp import hermite_weights, linear_weights, locate_regular, steffen_unit, stencil
 
-__all__ = ["StarProperties", "eep_from_mass", "eep_range", "interp_eep", "interp_mass"]
+__all__ = ["IsochroneTable", "StarProperties", "eep_from_mass", "eep_range", "interp_eep",
+           "interp_mass", "isochrone_table", "table_eep_from_mass", "table_eep_range",
+           "table_interp"]
 
 _SMOOTH_COLS = (COL_INITIAL_MASS, COL_STAR_MASS, COL_LOG_TEFF, COL_LOGG, COL_LOGL)
 
@@ -247,3 +249,94 @@ def interp_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *,
     eep, ok = eep_from_mass(grid, mass_msun, log_age, feh, cubic=cubic)
     props = interp_eep(grid, eep, log_age, feh, cubic=cubic)
     return props._replace(valid=props.valid & ok)
+
+
+class IsochroneTable(NamedTuple):
+    """One interpolated isochrone on the grid's EEP nodes (the shared-isochrone fast path).
+
+    When every star shares one (log age, [Fe/H]) (the age and [Fe/H] widths are zero), the
+    bilinear (log age, [Fe/H]) step of the trilinear scheme is the same for every star:
+    :func:`isochrone_table` does it once, and :func:`table_interp` and
+    :func:`table_eep_from_mass` are 1-D look-ups per star. The results equal
+    :func:`interp_eep` and :func:`eep_from_mass` (linear scheme) to float rounding.
+
+    values : (n_eep, 5) initial mass, current mass, log Teff, log g, log L at every node
+    phase : (n_eep,) phase code at the nearest (age, [Fe/H]) node
+    lo, hi : int, first and last node real on all four bracketing isochrones
+    inside : bool, (log age, [Fe/H]) on the grid's axes
+    eep0 : the first EEP (1)
+    """
+
+    values: jax.Array
+    phase: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    inside: jax.Array
+    eep0: jax.Array
+
+
+def isochrone_table(grid: IsochroneGrid, log_age, feh) -> IsochroneTable:
+    """Bilinear interpolation of the whole isochrone at (log age, [Fe/H]) (linear scheme)."""
+    in_feh = (feh >= grid.feh[0]) & (feh <= grid.feh[-1])
+    in_age = (log_age >= grid.log_age[0]) & (log_age <= grid.log_age[-1])
+    log_age = jnp.clip(log_age, grid.log_age[0], grid.log_age[-1])
+    feh = jnp.clip(feh, grid.feh[0], grid.feh[-1])
+    ifeh, iage, w, lo, hi, _ = _bracket(grid, log_age, feh)
+    cols = jnp.asarray(_SMOOTH_COLS)
+    block = grid.data[ifeh[:, None], iage[None, :]][..., cols]  # (2, 2, n_eep, 5)
+    values = jnp.einsum("ab,abec->ec", w, block)
+
+    def near(x, nodes):
+        n = nodes.shape[0]
+        return jnp.clip(jnp.round((x - nodes[0]) * (n - 1) / (nodes[-1] - nodes[0])), 0,
+                        n - 1).astype(jnp.int32)
+
+    phase = grid.data[near(feh, grid.feh), near(log_age, grid.log_age), :, COL_PHASE]
+    return IsochroneTable(values, phase, lo, hi, in_feh & in_age,
+                          jnp.asarray(grid.eep[0], values.dtype))
+
+
+def table_interp(table: IsochroneTable, eep) -> StarProperties:
+    """:func:`interp_eep` (linear) on a precomputed :class:`IsochroneTable`."""
+    n = table.values.shape[0]
+    e_max = table.eep0 + n - 1
+    in_eep = (eep >= table.eep0) & (eep <= e_max)
+    e = jnp.clip(eep, table.eep0, e_max)
+    i, t, _ = locate_regular(e, table.eep0, (e_max - table.eep0) / (n - 1), n)
+    v0 = table.values[i]
+    v1 = table.values[i + 1]
+    v = v0 + t * (v1 - v0)
+    valid = table.inside & in_eep & (i >= table.lo) & (i + 1 <= table.hi)
+    phase = table.phase[jnp.clip(jnp.round(e - table.eep0).astype(jnp.int32), 0, n - 1)]
+    return StarProperties(initial_mass=v[0], star_mass=v[1], log_teff=v[2], logg=v[3],
+                          logl=v[4], phase=phase, eep=jnp.asarray(eep, v.dtype), valid=valid)
+
+
+def table_eep_from_mass(table: IsochroneTable, mass_msun, *, eps: float = 0.0):
+    """:func:`eep_from_mass` (linear) on a precomputed :class:`IsochroneTable`."""
+    n = table.values.shape[0]
+    lo, hi = table.lo, table.hi
+
+    def mbar(j):
+        return table.values[j, 0] + eps * (table.eep0 + j)
+
+    n_iter = int(n - 1).bit_length()
+
+    def bisect(_, ab):
+        a, b = ab
+        mid = (a + b + 1) // 2
+        go = mbar(mid) <= mass_msun
+        return jnp.where(go, mid, a), jnp.where(go, b, mid - 1)
+
+    j, _ = jax.lax.fori_loop(0, n_iter, bisect, (lo, hi - 1))
+    m0, m1 = mbar(j), mbar(j + 1)
+    rising = m1 > m0
+    t = (mass_msun - m0) / jnp.where(rising, m1 - m0, 1.0)
+    eep = table.eep0 + j + jnp.clip(t, 0.0, 1.0)
+    valid = table.inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (hi > lo)
+    return eep, valid
+
+
+def table_eep_range(table: IsochroneTable):
+    """``(eep_min, eep_max)`` of a table (as :func:`eep_range`)."""
+    return table.eep0 + table.lo, table.eep0 + table.hi

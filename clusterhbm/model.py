@@ -57,7 +57,15 @@ from jax.scipy.special import ndtr, ndtri
 
 from .grid import COL_INITIAL_MASS, ModelGrid
 from .imf import imf_cdf, log_imf
-from .isochrone import eep_from_mass, eep_range, interp_eep
+from .isochrone import (
+    eep_from_mass,
+    eep_range,
+    interp_eep,
+    isochrone_table,
+    table_eep_from_mass,
+    table_eep_range,
+    table_interp,
+)
 from .photometry import Observables, photometry
 
 __all__ = [
@@ -72,6 +80,7 @@ __all__ = [
     "make_logdensity_fn",
     "member_probabilities",
     "population_state",
+    "shared_isochrone",
     "population_values",
     "star_observables",
     "star_terms",
@@ -308,15 +317,32 @@ def star_values(star: dict, popv: dict, config: ModelConfig, grid: ModelGrid):
         av = _truncnorm_from_z(star["z_av"], popv["av_mag"], popv["sigma_av_mag"])
     else:
         av = popv["av_mag"]
-    eep, ok = eep_from_mass(grid.iso, star["s"], log_age, feh, cubic=config.cubic,
-                            eps=config.pseudo_mass_eps)
+    table = popv.get("iso_table")
+    if table is not None:
+        eep, ok = table_eep_from_mass(table, star["s"], eps=config.pseudo_mass_eps)
+    else:
+        eep, ok = eep_from_mass(grid.iso, star["s"], log_age, feh, cubic=config.cubic,
+                                eps=config.pseudo_mass_eps)
     return eep, log_age, feh, dist, av, ok
 
 
+def shared_isochrone(config: ModelConfig) -> bool:
+    """Whether every star shares one isochrone (age and [Fe/H] widths zero, linear scheme):
+    then it is interpolated once per evaluation (:class:`~clusterhbm.isochrone.IsochroneTable`)
+    and each star needs only 1-D look-ups. The density is the same either way."""
+    return config.pooled and not config.cubic and not any(config.fit_widths[:2])
+
+
 def star_observables(grid: ModelGrid, config: ModelConfig, eep, log_age, feh, dist,
-                     av) -> Observables:
-    """The forward model of one star at its (EEP, age, [Fe/H], distance, A_V)."""
-    props = interp_eep(grid.iso, eep, log_age, feh, cubic=config.cubic)
+                     av, table=None) -> Observables:
+    """The forward model of one star at its (EEP, age, [Fe/H], distance, A_V).
+
+    ``table``: the shared isochrone (see :func:`shared_isochrone`), if any.
+    """
+    if table is not None:
+        props = table_interp(table, eep)
+    else:
+        props = interp_eep(grid.iso, eep, log_age, feh, cubic=config.cubic)
     return photometry(grid.bc, props, feh, dist, av, config.band_idx, cubic=config.cubic)
 
 
@@ -332,7 +358,11 @@ def _imf_kwargs(config, priors, popv):
 def _log_mass_prior(grid, config, priors, popv, eep, log_age, feh):
     """log IMF(m) + log(m' / (m' + eps)) - log Z(age, feh), and the mass (m' = dm/dEEP)."""
 
+    table = popv.get("iso_table")
+
     def mass_of(e):
+        if table is not None:
+            return table_interp(table, e).initial_mass
         return interp_eep(grid.iso, e, log_age, feh, cubic=config.cubic,
                           columns=(COL_INITIAL_MASS,)).initial_mass
 
@@ -342,7 +372,8 @@ def _log_mass_prior(grid, config, priors, popv, eep, log_age, feh):
     eps = config.pseudo_mass_eps
     lp = log_imf(m, **kw) + jnp.log(jnp.maximum(dm, 1e-12) / (dm + eps))
     # Z: IMF mass of the stars alive in the grid at this (age, feh)
-    _, e_hi = eep_range(grid.iso, log_age, feh)
+    _, e_hi = (table_eep_range(table) if table is not None
+               else eep_range(grid.iso, log_age, feh))
     m_hi = jnp.clip(mass_of(e_hi), priors.m_min * 1.0001, priors.m_max)
     z = imf_cdf(m_hi, **kw)
     return lp - jnp.log(jnp.maximum(z, 1e-12)), m
@@ -402,7 +433,8 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
                priors: Priors) -> StarTerms:
     """The log-density pieces of one star (pure; vmap over stars)."""
     eep, log_age, feh, dist, av, ok = star_values(star, popv, config, grid)
-    obs = star_observables(grid, config, eep, log_age, feh, dist, av)
+    table = popv.get("iso_table")
+    obs = star_observables(grid, config, eep, log_age, feh, dist, av, table)
     lp_mass, m1 = _log_mass_prior(grid, config, priors, popv, eep, log_age, feh)
     lz = sum(-0.5 * star[k] ** 2 for k in ("z_age", "z_feh", "z_dist", "z_av") if k in star)
     mag, mag_err, plx, plx_err = data_i[:4]
@@ -416,8 +448,11 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
         x = star["q_raw"]
         q = priors.q_min + (1.0 - priors.q_min) * jax.nn.sigmoid(x)
         log_prior += jax.nn.log_sigmoid(x) + jax.nn.log_sigmoid(-x)  # uniform q
-        eep2, ok2 = eep_from_mass(grid.iso, q * m1, log_age, feh, cubic=config.cubic)
-        obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av)
+        if table is not None:
+            eep2, ok2 = table_eep_from_mass(table, q * m1)
+        else:
+            eep2, ok2 = eep_from_mass(grid.iso, q * m1, log_age, feh, cubic=config.cubic)
+        obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av, table)
         lit2 = ok2 & obs2.valid
         obs_b = obs._replace(mags=_add_mags(obs.mags, obs2.mags, lit2))
         ll_b = log_likelihood_star(obs_b, mag, mag_err, plx, plx_err, zp, priors.mag_floor)
@@ -525,6 +560,8 @@ def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Prior
 def population_state(pop: dict, config: ModelConfig, priors: Priors, grid: ModelGrid):
     """:func:`population_values` plus what every star shares (the detection probability)."""
     popv = population_values(pop, config, priors)
+    if shared_isochrone(config):
+        popv["iso_table"] = isochrone_table(grid.iso, popv["log_age"], popv["feh"])
     if config.selection:
         if not config.pooled:
             raise ValueError("the selection function needs the pooled model")
