@@ -99,7 +99,7 @@ print(f"{len(cat)} stars after quality cuts; {int(np.sum(cat['member_prob'] > 0.
 settings = {"num_chains": 4, "num_warmup": 1000, "num_samples": 1000, "g_lim": 18.0}
 if QUICK:
     settings = {"num_chains": 1, "num_warmup": 40, "num_samples": 20, "g_lim": 15.0,
-                    "max_num_doublings": 5, "optimise_steps": 50}
+                    "max_num_doublings": 5, "optimise_steps": 0}
 t0 = time.perf_counter()
 fit = fit_cluster(cat, seed=0, fit_widths=False, binaries=True, field=True, selection=True,
                   fit_mf_slope=True, **settings)

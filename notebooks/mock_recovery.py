@@ -64,7 +64,7 @@ save_figure(plot_cmd(cat, truth=t, title="mock: truth"), OUT / "mock_cmd_truth")
 
 # %%
 settings = ({"num_chains": 1, "num_warmup": 40, "num_samples": 20, "max_num_doublings": 5,
-                 "optimise_steps": 50} if QUICK else
+                 "optimise_steps": 0} if QUICK else
             {"num_chains": 4, "num_warmup": 1000, "num_samples": 1000})
 pooled = fit_cluster(cat, seed=0, fit_widths=False, binaries=True, field=True,
                      selection=True, g_lim=19.0, truth=truth._asdict(), **settings)

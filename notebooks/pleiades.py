@@ -65,7 +65,7 @@ print(f"{len(cat)} stars after cuts; {int(np.sum(cat['member_prob'] > 0.5))} ast
 
 # %%
 settings = ({"num_chains": 1, "num_warmup": 40, "num_samples": 20, "max_num_doublings": 5,
-                 "optimise_steps": 50, "g_lim": 9.0} if QUICK else
+                 "optimise_steps": 0, "g_lim": 9.0} if QUICK else
             {"num_chains": 4, "num_warmup": 1000, "num_samples": 1000, "g_lim": 15.0})
 fit = fit_cluster(cat, seed=0, fit_widths=(False, False, True, True), binaries=True,
                   field=True, selection=True, **settings)

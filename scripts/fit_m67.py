@@ -58,6 +58,7 @@ def main(argv=None):
                         "drift from the observed M-dwarf sequence)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--chunk-size", type=int, default=50)
     p.add_argument("-o", "--output", default="/tmp/m67_fit.h5")
     p.add_argument("--json", default="benchmarks/results/m67_fit.json")
     a = p.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None):
                       seed=a.seed, fit_widths=a.widths, binaries=True, field=True,
                       selection=True, g_lim=a.g_lim, fit_mf_slope=not a.no_mf_slope,
                       progress=True,
-                      checkpoint=a.checkpoint)
+                      checkpoint=a.checkpoint, chunk_size=a.chunk_size)
     wall = time.perf_counter() - t0
     print(res.summary_text())
     res.to_hdf5(a.output)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,23 +44,43 @@ def _seed(cache: Path):
             gaia.seed_cache(name, Table.read(path), cache_dir=cache)
 
 
+def _run(notebook: Path, base: Path):
+    work = base / notebook.stem
+    work.mkdir()
+    cache = work / "cache"
+    _seed(cache)
+    out = work / "out"
+    env = dict(os.environ, CLUSTERHBM_QUICK="1", CLUSTERHBM_OFFLINE="1",
+               CLUSTERHBM_CACHE=str(cache), CLUSTERHBM_NOTEBOOK_OUT=str(out),
+               CLUSTERHBM_SHARED=str(CLUSTERS.parents[1]), MPLBACKEND="Agg")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(notebook)], check=False, cwd=work, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    return proc, out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run every notebook once, two at a time (compiling is single-threaded, 2 cores)."""
+    base = tmp_path_factory.mktemp("notebooks")
+    runnable = [nb for nb in NOTEBOOKS
+                if not (NEEDS_DATA.get(nb.stem) and not (CLUSTERS / NEEDS_DATA[nb.stem]).exists())]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {nb.stem: pool.submit(_run, nb, base) for nb in runnable}
+        return {k: f.result() for k, f in futures.items()}
+
+
 def test_every_notebook_is_listed():
     assert {p.stem for p in NOTEBOOKS} >= set(EXPECTED)
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(notebook, tmp_path):
+def test_notebook_runs(notebook, executed):
     need = NEEDS_DATA.get(notebook.stem)
     if need and not (CLUSTERS / need).exists():
         pytest.skip(f"{CLUSTERS / need} not available")
-    cache = tmp_path / "cache"
-    _seed(cache)
-    out = tmp_path / "out"
-    env = dict(os.environ, CLUSTERHBM_QUICK="1", CLUSTERHBM_OFFLINE="1",
-               CLUSTERHBM_CACHE=str(cache), CLUSTERHBM_NOTEBOOK_OUT=str(out),
-               CLUSTERHBM_SHARED=str(CLUSTERS.parents[1]), MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(notebook)], check=False, cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc, out, seconds = executed[notebook.stem]
+    print(f"{notebook.name}: {seconds:.0f} s")
     assert proc.returncode == 0, (
         f"{notebook.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     for rel in EXPECTED.get(notebook.stem, []):
