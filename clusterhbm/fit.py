@@ -326,6 +326,43 @@ def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: f
     return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, float(best_l)
 
 
+def curvature_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10,
+                             max_var: float = 1e2):
+    """A diagonal inverse metric (D,) from the curvature of the log density at ``position``.
+
+    The diagonal of the Hessian costs one Hessian-vector product per population
+    coordinate and one per *kind* of star coordinate (all stars at once), because stars
+    interact only through the population: the Hessian has no star-star cross terms. Each
+    variance is 1 / (-H_ii), clipped to ``[min_var, max_var]``; where the curvature is not
+    negative (a flat or convex direction) it is 1. Flattened in the order of
+    ``jax.flatten_util.ravel_pytree(position)``, as :func:`~clusterhbm.sampling.run_nuts`
+    uses.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    grad = jax.grad(lambda p: jnp.where(jnp.isfinite(logdensity_fn(p)), logdensity_fn(p),
+                                        0.0))
+
+    def hvp(v):
+        return jax.jvp(grad, (position,), (v,))[1]
+
+    hvp = jax.jit(hvp)
+    zeros = jax.tree.map(jnp.zeros_like, position)
+    diag = jax.tree.map(jnp.zeros_like, position)
+    for k in position["pop"]:
+        v = {"pop": dict(zeros["pop"], **{k: jnp.ones_like(zeros["pop"][k])}),
+             "star": zeros["star"]}
+        diag["pop"][k] = hvp(v)["pop"][k]
+    for k in position["star"]:
+        v = {"pop": zeros["pop"],
+             "star": dict(zeros["star"], **{k: jnp.ones_like(zeros["star"][k])})}
+        diag["star"][k] = hvp(v)["star"][k]
+    flat, _ = ravel_pytree(diag)
+    var = jnp.where(jnp.isfinite(flat) & (flat < 0), -1.0 / jnp.where(flat < 0, flat, -1.0),
+                    1.0)
+    return jnp.clip(var, min_var, max_var)
+
+
 def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: Priors,
                        data: StarData | None = None):
     """Per-draw values stored in the results: population (physical) and per star.
@@ -490,6 +527,9 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     if n_bad:
         log.warning("%d of %d stars start outside the grid (log density -inf)", n_bad,
                     per_star.size)
+    imm0 = curvature_inverse_metric(logdensity_fn, pos1)
+    log.info("starting metric from the curvature: variances %.1e .. %.1e",
+             float(imm0.min()), float(imm0.max()))
     keys = jax.random.split(k_init, num_chains)
     jit_scale = 1e-3
     inits = jax.vmap(lambda k: jax.tree.map(
@@ -503,7 +543,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                            num_samples=num_samples, transform_fn=transform,
                            chunk_size=chunk_size, max_num_doublings=max_num_doublings,
                            target_accept=target_accept, progress=progress,
-                           checkpoint=checkpoint,
+                           checkpoint=checkpoint, initial_inverse_mass_matrix=imm0,
                            diagonal_mass_matrix=not dense_mass_matrix)
     wall = time.perf_counter() - t_start
     settings = {

@@ -10,6 +10,13 @@ dense) inverse mass matrix with Welford's algorithm, then a final fast window. I
 from BlackJAX's stable primitives (``dual_averaging_adaptation``,
 ``mass_matrix_adaptation``, ``build_schedule``) so that it can run in chunks. Each chain
 adapts its own step size and mass matrix.
+
+With ``sharding`` (see :func:`clusterhbm.parallel.chain_sharding`) the chain axis of the
+run state is split over the devices of a mesh with :func:`jax.shard_map`: each device runs
+its own chains (vmapped) and no device waits for another inside a NUTS trajectory. The
+draws equal those of the single-device run with the same key up to floating-point
+rounding (the per-chain keys are drawn before they are split over the devices; XLA may
+round differently at another batch width, see :mod:`clusterhbm.parallel`).
 """
 
 from __future__ import annotations
@@ -71,9 +78,11 @@ def _make_warmup_fns(logdensity_flat, *, target_accept, diagonal, max_num_doubli
     mm_init, mm_update, mm_final = mass_matrix_adaptation(diagonal)
     kernel = _kernel()
 
-    def init(x, initial_step_size):
+    def init(x, initial_step_size, imm0=None):
         state = nuts.init(x, logdensity_flat)
         mm = mm_init(x.shape[0])
+        if imm0 is not None:  # a starting metric (e.g. from the curvature at the start)
+            mm = mm._replace(inverse_mass_matrix=imm0 if diagonal else jnp.diag(imm0))
         return state, WarmupState(da_init(initial_step_size), mm,
                                   jnp.asarray(initial_step_size, x.dtype),
                                   mm.inverse_mass_matrix)
@@ -107,8 +116,10 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
              num_samples: int = 1000, transform_fn: Callable | None = None,
              chunk_size: int = 100, max_num_doublings: int = 10,
              target_accept: float = 0.8, diagonal_mass_matrix: bool = True,
-             initial_step_size: float = 0.1, progress: bool = False,
-             checkpoint: str | Path | None = None) -> SamplerOutput:
+             initial_step_size: float = 0.1, initial_inverse_mass_matrix=None,
+             progress: bool = False,
+             checkpoint: str | Path | None = None,
+             sharding: jax.sharding.NamedSharding | None = None) -> SamplerOutput:
     """Warm up and sample several NUTS chains (vmapped) in chunks.
 
     Parameters
@@ -122,7 +133,13 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     chunk_size : steps per compiled scan (progress and checkpoint granularity)
     checkpoint : path; if given, the run state is saved after every chunk and a run with
         the same path resumes from it
+    initial_inverse_mass_matrix : (D,) or (C, D) diagonal to start warm-up from (default
+        the identity); a good one saves the first window from maximal trees when the
+        coordinates' scales differ by orders of magnitude
     progress : show a tqdm bar
+    sharding : optional ``NamedSharding`` over a mesh whose first partitioned axis splits
+        the chains over devices (:func:`clusterhbm.parallel.chain_sharding`); the number
+        of chains must be a multiple of that axis' size. None: JAX's default device.
 
     Returns
     -------
@@ -132,6 +149,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     _, unravel = ravel_pytree(first)
     flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(init_positions)
     n_chains, dim = flat0.shape
+    chain_axis = _chain_axis(sharding, n_chains)
 
     def logdensity_flat(x):
         return logdensity_fn(unravel(x))
@@ -146,16 +164,14 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         max_num_doublings=max_num_doublings)
     kernel = _kernel()
 
-    @jax.jit
-    def warm_chunk(states, warms, keys, stages, ends):
+    def warm_local(states, warms, keys, stages, ends):
         def one(state, warm, ks):
             (state, warm), out = jax.lax.scan(w_step, (state, warm), (ks, stages, ends))
             return state, warm, out
 
         return jax.vmap(one)(states, warms, keys)
 
-    @jax.jit
-    def sample_chunk(states, step_sizes, imms, keys):
+    def sample_local(states, step_sizes, imms, keys):
         def one(state, step_size, imm, ks):
             def body(s, k):
                 s, info = kernel(k, s, logdensity_flat, step_size, imm,
@@ -172,18 +188,44 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
 
         return jax.vmap(one)(states, step_sizes, imms, keys)
 
+    if sharding is None:
+        warm_chunk, sample_chunk = jax.jit(warm_local), jax.jit(sample_local)
+    else:
+        # check_vma=False: every device's chains are independent (no collectives), and the
+        # warm-up's lax.cond on the replicated schedule mixes replicated and per-chain values
+        by_chain, shared = jax.sharding.PartitionSpec(chain_axis), jax.sharding.PartitionSpec()
+        warm_chunk = jax.jit(jax.shard_map(
+            warm_local, mesh=sharding.mesh, in_specs=(by_chain,) * 3 + (shared,) * 2,
+            out_specs=by_chain, check_vma=False))
+        sample_chunk = jax.jit(jax.shard_map(
+            sample_local, mesh=sharding.mesh, in_specs=(by_chain,) * 4, out_specs=by_chain,
+            check_vma=False))
+
+    def place(tree):
+        """Split the chain axis of every leaf over the mesh (no-op without sharding)."""
+        if sharding is None:
+            return tree
+        return jax.device_put(tree, jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(chain_axis)))
+
     k_warm, k_samp = jax.random.split(rng_key)
     schedule = np.asarray(build_schedule(num_warmup)) if num_warmup > 0 else np.zeros((0, 2))
     ck = _Checkpoint(checkpoint, n_chains, dim)
-    states, warms = jax.vmap(lambda x: w_init(x, initial_step_size))(flat0)
+    if initial_inverse_mass_matrix is None:
+        states, warms = jax.vmap(lambda x: w_init(x, initial_step_size))(flat0)
+    else:
+        imm0 = jnp.broadcast_to(jnp.asarray(initial_inverse_mass_matrix, flat0.dtype),
+                                flat0.shape)
+        states, warms = jax.vmap(lambda x, m: w_init(x, initial_step_size, m))(flat0, imm0)
     done_warm, done_samp, collected = 0, 0, []
     resumed = ck.load(states, warms)
     if resumed is not None:
         states, warms, done_warm, done_samp, collected, step_size, imm = resumed
         log.info("resumed from %s at warm-up %d, draw %d", checkpoint, done_warm, done_samp)
+    states, warms = place((states, warms))
     bar = _progress(progress, num_warmup + num_samples, done_warm + done_samp)
     t0 = time.perf_counter()
-    wkeys = jax.random.split(k_warm, (n_chains, max(num_warmup, 1)))
+    wkeys = place(jax.random.split(k_warm, (n_chains, max(num_warmup, 1))))
     first_chunk_s = None
     while done_warm < num_warmup:
         n = min(chunk_size, num_warmup - done_warm)
@@ -201,7 +243,8 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     t_warm = time.perf_counter() - t0
     if resumed is None or resumed[3] == 0:
         step_size, imm = jax.vmap(w_final)(warms)
-    skeys = jax.random.split(k_samp, (n_chains, max(num_samples, 1)))
+    step_size, imm = place((step_size, imm))
+    skeys = place(jax.random.split(k_samp, (n_chains, max(num_samples, 1))))
     if collected and not isinstance(collected[0], tuple):  # resumed: rebuild the tree
         shapes = jax.eval_shape(sample_chunk, states, step_size, imm, skeys[:, :1])
         collected = [jax.tree.unflatten(jax.tree.structure(shapes[1]), collected[0])]
@@ -233,6 +276,25 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     return SamplerOutput(samples=vals, info=recs, step_size=np.asarray(step_size),
                          inverse_mass_matrix=np.asarray(imm), timings=timings,
                          final_positions=np.asarray(states.position))
+
+
+def _chain_axis(sharding, n_chains: int):
+    """The mesh axis name(s) that split the chains; validates the chain count."""
+    if sharding is None:
+        return None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(f"sharding must be a jax.sharding.NamedSharding (see "
+                        f"clusterhbm.parallel.chain_sharding), got {type(sharding).__name__}")
+    spec = tuple(sharding.spec)
+    if not spec or spec[0] is None:
+        raise ValueError(f"sharding {sharding} does not partition the leading (chain) axis")
+    axis = spec[0]
+    names = axis if isinstance(axis, tuple) else (axis,)
+    n_dev = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    if n_chains % n_dev:
+        raise ValueError(f"{n_chains} chains cannot be split evenly over {n_dev} devices; "
+                         f"use a multiple of {n_dev} chains")
+    return axis
 
 
 def _progress(enabled, total, initial):

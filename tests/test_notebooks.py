@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from _helpers import CLUSTERS
 
+pytestmark = pytest.mark.notebooks
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
