@@ -261,8 +261,9 @@ def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_cha
     """
     from .isochrone import interp_eep
 
-    m0 = jax.vmap(lambda e: interp_eep(grid.iso, e, pop_values["log_age"], pop_values["feh"],
-                                       cubic=config.cubic).initial_mass)(jnp.asarray(eep))
+    m0 = jax.jit(jax.vmap(lambda e, iso, a, f: interp_eep(iso, e, a, f, cubic=config.cubic)
+                          .initial_mass, in_axes=(0, None, None, None)))(
+        jnp.asarray(eep), grid.iso, pop_values["log_age"], pop_values["feh"])
     pseudo_mass = m0 + config.pseudo_mass_eps * jnp.asarray(eep)
     widths = {"sigma_log_age": 0.01, "sigma_feh": 0.01,
               "sigma_distance_pc": 0.005 * pop_values["distance_pc"], "sigma_av_mag": 0.01}
@@ -282,7 +283,7 @@ def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_cha
                for x, k in zip(leaves, ks)]
         return jax.tree.unflatten(treedef, new)
 
-    return jax.vmap(jit_one)(keys)
+    return jax.jit(jax.vmap(jit_one))(keys)
 
 
 def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: float = 0.02):
@@ -572,6 +573,10 @@ def star_log_densities(position, data: StarData, grid: ModelGrid, config: ModelC
     """Per-star log p(theta_i | phi) + log p(D_i | theta_i) at a position, shape (N,)."""
     from .model import log_density_star, population_state
 
-    popv = population_state(position["pop"], config, priors, grid)
-    return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
-        position["star"], popv, tuple(data), grid, config, priors)
+    @jax.jit  # one compiled program, not hundreds of eagerly dispatched operations
+    def per_star(position, data, grid):
+        popv = population_state(position["pop"], config, priors, grid)
+        return jax.vmap(log_density_star, in_axes=(0, None, 0, None, None, None))(
+            position["star"], popv, data, grid, config, priors)
+
+    return per_star(position, tuple(data), grid)

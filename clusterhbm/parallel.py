@@ -67,7 +67,15 @@ from .model import (
     log_prior_population,
     population_values,
 )
-from .sampling import SamplerOutput, WarmupState, _kernel, _progress
+from .sampling import (
+    SamplerOutput,
+    WarmupState,
+    _chunk_length,
+    _kernel,
+    _make_adapt_fn,
+    _progress,
+    _to_sampling,
+)
 
 __all__ = [
     "CHAIN_AXIS",
@@ -256,8 +264,8 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     The same algorithm as :func:`clusterhbm.sampling.run_nuts` (each chain adapts its own
     step size and mass matrix), vmapped over chains and then over problems. Warm-up and
     sampling share one compiled chunk function (the adaptation is switched off by a
-    flag), so a run compiles the NUTS kernel once per distinct chunk length: make
-    ``num_warmup`` and ``num_samples`` multiples of ``chunk_size``.
+    flag), and the chunk length divides both phases where it can
+    (:func:`clusterhbm.sampling.run_nuts`), so a run compiles the NUTS kernel once.
 
     Parameters
     ----------
@@ -296,8 +304,9 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     transform = transform_fn if transform_fn is not None else (
         lambda p, a: {"position": p})
     kernel = _kernel()
-    da_init, da_update, da_final = dual_averaging_adaptation(target_accept)
-    mm_init, mm_update, mm_final = mass_matrix_adaptation(diagonal_mass_matrix)
+    da_init, _, _ = dual_averaging_adaptation(target_accept)
+    mm_init, _, _ = mass_matrix_adaptation(diagonal_mass_matrix)
+    adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix)
 
     def init_all(flat, args):
         def per_problem(x, a):
@@ -313,20 +322,6 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
             return jax.vmap(one)(x)
 
         return jax.vmap(per_problem)(flat, args)
-
-    def adapt(warm, acceptance_rate, position, stage, window_end):
-        """One warm-up update; the same arithmetic as clusterhbm.sampling's warm-up step."""
-        da = da_update(warm.da_state, acceptance_rate)
-        mm = jax.lax.cond(stage == 1, lambda m: mm_update(m, position), lambda m: m,
-                          warm.mm_state)
-        warm = WarmupState(da, mm, jnp.exp(da.log_step_size), warm.inverse_mass_matrix)
-
-        def end_window(w):
-            m = mm_final(w.mm_state)
-            d = da_init(da_final(w.da_state))
-            return WarmupState(d, m, jnp.exp(d.log_step_size), m.inverse_mass_matrix)
-
-        return jax.lax.cond(window_end, end_window, lambda w: w, warm)
 
     def chunk_local(states, warms, keys, args, stages, ends, adapting):
         """Warm-up (``adapting``) or sampling steps: one compiled program for both phases.
@@ -359,13 +354,6 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
 
         return jax.vmap(per_problem)(states, warms, keys, args)
 
-    def to_sampling(warms):
-        """Fix every chain's step size (dual-averaging mean) and metric for sampling."""
-        def one(w):
-            return w._replace(step_size=jnp.exp(w.da_state.log_step_size_avg))
-
-        return jax.vmap(jax.vmap(one))(warms)
-
     if sharding is None:
         chunk = jax.jit(chunk_local)
 
@@ -384,6 +372,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
 
     k_warm, k_samp = jax.random.split(rng_key)
     schedule = np.asarray(build_schedule(num_warmup)) if num_warmup > 0 else np.zeros((0, 2))
+    step_len = _chunk_length(chunk_size, num_warmup, num_samples)
     args = place(cluster_args)
     states, warms = place(jax.jit(init_all)(flat0, cluster_args))
     wkeys = place(jax.random.split(k_warm, (n_prob, n_chains, max(num_warmup, 1))))
@@ -393,7 +382,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     done = 0
     yes, no = jnp.asarray(True), jnp.asarray(False)
     while done < num_warmup:
-        n = min(chunk_size, num_warmup - done)
+        n = min(step_len, num_warmup - done)
         tc = time.perf_counter()
         (states, warms), _ = chunk(states, warms, wkeys[:, :, done:done + n], args,
                                    jnp.asarray(schedule[done:done + n, 0], jnp.int32),
@@ -404,13 +393,13 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
         bar.update(n)
     t_warm = time.perf_counter() - t0
     if num_warmup > 0:  # else: the initial step size and the unit metric
-        warms = place(jax.jit(to_sampling)(warms))
+        warms = place(jax.jit(jax.vmap(jax.vmap(_to_sampling)))(warms))
     skeys = place(jax.random.split(k_samp, (n_prob, n_chains, max(num_samples, 1))))
     t1 = time.perf_counter()
     collected, done = [], 0
-    zeros_i = np.zeros(chunk_size, np.int32)
+    zeros_i = np.zeros(max(step_len, 1), np.int32)
     while done < num_samples:
-        n = min(chunk_size, num_samples - done)
+        n = min(step_len, num_samples - done)
         tc = time.perf_counter()
         (states, warms), (vals, recs) = chunk(
             states, warms, skeys[:, :, done:done + n], args, jnp.asarray(zeros_i[:n]),

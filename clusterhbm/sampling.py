@@ -1,8 +1,10 @@
 """BlackJAX NUTS with Stan-style window adaptation, in chunks, over many chains.
 
 The kernels are pure: one chain, then ``vmap`` over chains. A thin host loop runs warm-up
-and sampling in chunks of ``chunk_size`` steps (one compiled ``lax.scan`` per chunk
-length), so long runs report progress and can be checkpointed and resumed.
+and sampling in chunks of ``chunk_size`` steps, so long runs report progress and can be
+checkpointed and resumed. Warm-up and sampling share one compiled program (a flag switches
+the adaptation off), and the chunk length is chosen to divide both phases where it can, so
+a run traces and compiles its NUTS step once: on a CPU that is most of a short fit.
 
 Warm-up follows Stan (and ``blackjax.window_adaptation``): a fast window adapting the step
 size by dual averaging, then doubling slow windows that also estimate a diagonal (or
@@ -22,6 +24,7 @@ round differently at another batch width, see :mod:`clusterhbm.parallel`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,28 +76,35 @@ def _kernel():
     return nuts.build_kernel()
 
 
-def _make_warmup_fns(logdensity_flat, *, target_accept, diagonal, max_num_doublings):
-    da_init, da_update, da_final = dual_averaging_adaptation(target_accept)
-    mm_init, mm_update, mm_final = mass_matrix_adaptation(diagonal)
-    kernel = _kernel()
+def _make_init_fn(logdensity_flat, *, diagonal):
+    """A chain's NUTS state and warm-up state at a flat position, from a diagonal metric."""
+    da_init, _, _ = dual_averaging_adaptation(0.8)  # the target enters only the updates
+    mm_init, _, _ = mass_matrix_adaptation(diagonal)
 
-    def init(x, initial_step_size, imm0=None):
+    def init(x, initial_step_size, imm0):
         state = nuts.init(x, logdensity_flat)
         mm = mm_init(x.shape[0])
-        if imm0 is not None:  # a starting metric (e.g. from the curvature at the start)
-            mm = mm._replace(inverse_mass_matrix=imm0 if diagonal else jnp.diag(imm0))
+        mm = mm._replace(inverse_mass_matrix=imm0 if diagonal else jnp.diag(imm0))
         return state, WarmupState(da_init(initial_step_size), mm,
                                   jnp.asarray(initial_step_size, x.dtype),
                                   mm.inverse_mass_matrix)
 
-    def step(carry, inp):
-        state, warm = carry
-        key, stage, window_end = inp
-        state, info = kernel(key, state, logdensity_flat, warm.step_size,
-                             warm.inverse_mass_matrix, max_num_doublings=max_num_doublings)
-        acc = info.acceptance_rate
-        da = da_update(warm.da_state, acc)
-        mm = jax.lax.cond(stage == 1, lambda m: mm_update(m, state.position), lambda m: m,
+    return init
+
+
+def _make_adapt_fn(*, target_accept, diagonal):
+    """One warm-up update of a chain's step size and metric after a NUTS step.
+
+    Dual averaging of the step size at every step; Welford's estimate of the metric in the
+    slow windows (``stage == 1``); at a window's end the metric is replaced by the
+    estimate and dual averaging restarts from the averaged step size (Stan's schedule).
+    """
+    da_init, da_update, da_final = dual_averaging_adaptation(target_accept)
+    _, mm_update, mm_final = mass_matrix_adaptation(diagonal)
+
+    def adapt(warm, acceptance_rate, position, stage, window_end):
+        da = da_update(warm.da_state, acceptance_rate)
+        mm = jax.lax.cond(stage == 1, lambda m: mm_update(m, position), lambda m: m,
                           warm.mm_state)
         warm = WarmupState(da, mm, jnp.exp(da.log_step_size), warm.inverse_mass_matrix)
 
@@ -103,13 +113,31 @@ def _make_warmup_fns(logdensity_flat, *, target_accept, diagonal, max_num_doubli
             d = da_init(da_final(w.da_state))
             return WarmupState(d, m, jnp.exp(d.log_step_size), m.inverse_mass_matrix)
 
-        warm = jax.lax.cond(window_end, end_window, lambda w: w, warm)
-        return (state, warm), (info.is_divergent, info.num_integration_steps)
+        return jax.lax.cond(window_end, end_window, lambda w: w, warm)
 
-    def final(warm):
-        return jnp.exp(warm.da_state.log_step_size_avg), warm.inverse_mass_matrix
+    return adapt
 
-    return init, step, final
+
+def _strong(tree):
+    """Every leaf without JAX's weak type, so that a chunk's output state has exactly the
+    types of its input state and the next chunk reuses the compiled program."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+
+
+def _to_sampling(warm: WarmupState) -> WarmupState:
+    """A chain's sampling settings: the dual-averaging mean step size, the last metric."""
+    return warm._replace(step_size=jnp.exp(warm.da_state.log_step_size_avg))
+
+
+def _chunk_length(chunk_size: int, num_warmup: int, num_samples: int) -> int:
+    """Steps per compiled chunk: a divisor of both phases' lengths when one is close to
+    ``chunk_size``, so that every chunk has one length and the program compiles once."""
+    chunk_size = max(int(chunk_size), 1)
+    g = math.gcd(int(num_warmup), int(num_samples))
+    if g == 0:
+        return chunk_size
+    best = max(d for d in range(1, min(g, chunk_size) + 1) if g % d == 0)
+    return best if 4 * best >= min(chunk_size, max(num_warmup, num_samples)) else chunk_size
 
 
 def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: int = 1000,
@@ -159,47 +187,48 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     def transform_flat(x):
         return transform(unravel(x))
 
-    w_init, w_step, w_final = _make_warmup_fns(
-        logdensity_flat, target_accept=target_accept, diagonal=diagonal_mass_matrix,
-        max_num_doublings=max_num_doublings)
+    w_init = _make_init_fn(logdensity_flat, diagonal=diagonal_mass_matrix)
+    adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix)
     kernel = _kernel()
 
-    def warm_local(states, warms, keys, stages, ends):
+    def chunk_local(states, warms, keys, stages, ends, adapting):
+        """``len(keys)`` NUTS steps per chain: warm-up (``adapting``) or sampling.
+
+        Both phases share this one compiled program (tracing and compiling a NUTS step
+        of the model is most of a short run's cost): the kernel is called with the
+        chain's current step size and metric, which warm-up then adapts and sampling
+        keeps fixed.
+        """
         def one(state, warm, ks):
-            (state, warm), out = jax.lax.scan(w_step, (state, warm), (ks, stages, ends))
-            return state, warm, out
-
-        return jax.vmap(one)(states, warms, keys)
-
-    def sample_local(states, step_sizes, imms, keys):
-        def one(state, step_size, imm, ks):
-            def body(s, k):
-                s, info = kernel(k, s, logdensity_flat, step_size, imm,
+            def body(carry, inp):
+                s, w = carry
+                k, stage, end = inp
+                s, info = kernel(k, s, logdensity_flat, w.step_size, w.inverse_mass_matrix,
                                  max_num_doublings=max_num_doublings)
+                w_new = adapt(w, info.acceptance_rate, s.position, stage, end)
+                w = jax.tree.map(lambda a, b: jnp.where(adapting, a, b), w_new, w)
                 rec = {"is_divergent": info.is_divergent,
                        "num_integration_steps": info.num_integration_steps,
                        "num_trajectory_expansions": info.num_trajectory_expansions,
                        "acceptance_rate": info.acceptance_rate,
                        "energy": info.energy,
                        "logdensity": s.logdensity}
-                return s, (transform_flat(s.position), rec)
+                return (s, w), (transform_flat(s.position), rec)
 
-            return jax.lax.scan(body, state, ks)
+            carry, out = jax.lax.scan(body, (state, warm), (ks, stages, ends))
+            return _strong(carry), out
 
-        return jax.vmap(one)(states, step_sizes, imms, keys)
+        return jax.vmap(one)(states, warms, keys)
 
     if sharding is None:
-        warm_chunk, sample_chunk = jax.jit(warm_local), jax.jit(sample_local)
+        chunk = jax.jit(chunk_local)
     else:
         # check_vma=False: every device's chains are independent (no collectives), and the
         # warm-up's lax.cond on the replicated schedule mixes replicated and per-chain values
         by_chain, shared = jax.sharding.PartitionSpec(chain_axis), jax.sharding.PartitionSpec()
-        warm_chunk = jax.jit(jax.shard_map(
-            warm_local, mesh=sharding.mesh, in_specs=(by_chain,) * 3 + (shared,) * 2,
+        chunk = jax.jit(jax.shard_map(
+            chunk_local, mesh=sharding.mesh, in_specs=(by_chain,) * 3 + (shared,) * 3,
             out_specs=by_chain, check_vma=False))
-        sample_chunk = jax.jit(jax.shard_map(
-            sample_local, mesh=sharding.mesh, in_specs=(by_chain,) * 4, out_specs=by_chain,
-            check_vma=False))
 
     def place(tree):
         """Split the chain axis of every leaf over the mesh (no-op without sharding)."""
@@ -210,56 +239,62 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
 
     k_warm, k_samp = jax.random.split(rng_key)
     schedule = np.asarray(build_schedule(num_warmup)) if num_warmup > 0 else np.zeros((0, 2))
+    step_len = _chunk_length(chunk_size, num_warmup, num_samples)
     ck = _Checkpoint(checkpoint, n_chains, dim)
     if initial_inverse_mass_matrix is None:
-        states, warms = jax.vmap(lambda x: w_init(x, initial_step_size))(flat0)
+        imm0 = jnp.ones_like(flat0)
     else:
         imm0 = jnp.broadcast_to(jnp.asarray(initial_inverse_mass_matrix, flat0.dtype),
                                 flat0.shape)
-        states, warms = jax.vmap(lambda x, m: w_init(x, initial_step_size, m))(flat0, imm0)
+    states, warms = jax.jit(jax.vmap(lambda x, m: _strong(w_init(x, initial_step_size, m))))(
+        flat0, imm0)
     done_warm, done_samp, collected = 0, 0, []
     resumed = ck.load(states, warms)
     if resumed is not None:
-        states, warms, done_warm, done_samp, collected, step_size, imm = resumed
+        states, warms, done_warm, done_samp, collected = resumed
         log.info("resumed from %s at warm-up %d, draw %d", checkpoint, done_warm, done_samp)
     states, warms = place((states, warms))
     bar = _progress(progress, num_warmup + num_samples, done_warm + done_samp)
     t0 = time.perf_counter()
     wkeys = place(jax.random.split(k_warm, (n_chains, max(num_warmup, 1))))
+    yes, no = jnp.asarray(True), jnp.asarray(False)
     first_chunk_s = None
     while done_warm < num_warmup:
-        n = min(chunk_size, num_warmup - done_warm)
+        n = min(step_len, num_warmup - done_warm)
         sl = slice(done_warm, done_warm + n)
         tc = time.perf_counter()
-        states, warms, _ = warm_chunk(
-            states, warms, wkeys[:, sl], jnp.asarray(schedule[sl, 0]),
-            jnp.asarray(schedule[sl, 1], bool))
+        (states, warms), _ = chunk(
+            states, warms, wkeys[:, sl], jnp.asarray(schedule[sl, 0], jnp.int32),
+            jnp.asarray(schedule[sl, 1], bool), yes)
         jax.block_until_ready(states)
         first_chunk_s = first_chunk_s or time.perf_counter() - tc
         done_warm += n
-        ck.save(states, warms, done_warm, 0, [], None, None)
+        ck.save(states, warms, done_warm, 0, [])
         bar.update(n)
         bar.set_postfix_str(f"warm-up, step size {float(jnp.mean(warms.step_size)):.3g}")
     t_warm = time.perf_counter() - t0
-    if resumed is None or resumed[3] == 0:
-        step_size, imm = jax.vmap(w_final)(warms)
-    step_size, imm = place((step_size, imm))
+    if done_samp == 0 and num_warmup > 0:
+        # sampling uses the dual-averaging mean step size and the last metric
+        warms = place(jax.jit(jax.vmap(lambda w: _strong(_to_sampling(w))))(warms))
     skeys = place(jax.random.split(k_samp, (n_chains, max(num_samples, 1))))
+    zeros = np.zeros(max(step_len, 1), np.int32)
     if collected and not isinstance(collected[0], tuple):  # resumed: rebuild the tree
-        shapes = jax.eval_shape(sample_chunk, states, step_size, imm, skeys[:, :1])
+        shapes = jax.eval_shape(chunk, states, warms, skeys[:, :1], jnp.asarray(zeros[:1]),
+                                jnp.asarray(zeros[:1], bool), no)
         collected = [jax.tree.unflatten(jax.tree.structure(shapes[1]), collected[0])]
     t1 = time.perf_counter()
     first_samp_s = None
     while done_samp < num_samples:
-        n = min(chunk_size, num_samples - done_samp)
+        n = min(step_len, num_samples - done_samp)
         tc = time.perf_counter()
-        states, (vals, recs) = sample_chunk(states, step_size, imm,
-                                            skeys[:, done_samp:done_samp + n])
+        (states, warms), (vals, recs) = chunk(
+            states, warms, skeys[:, done_samp:done_samp + n], jnp.asarray(zeros[:n]),
+            jnp.asarray(zeros[:n], bool), no)
         jax.block_until_ready(states)
         first_samp_s = first_samp_s or time.perf_counter() - tc
         collected.append(tuple(jax.tree.map(np.asarray, (vals, recs))))
         done_samp += n
-        ck.save(states, warms, done_warm, done_samp, collected, step_size, imm)
+        ck.save(states, warms, done_warm, done_samp, collected)
         bar.update(n)
         ndiv = sum(int(np.sum(c[1]["is_divergent"])) for c in collected)
         bar.set_postfix_str(f"sampling, {ndiv} divergent")
@@ -273,8 +308,9 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     timings = {"warmup_s": t_warm, "sampling_s": t_samp,
                "first_warmup_chunk_s": first_chunk_s or 0.0,
                "first_sampling_chunk_s": first_samp_s or 0.0}
-    return SamplerOutput(samples=vals, info=recs, step_size=np.asarray(step_size),
-                         inverse_mass_matrix=np.asarray(imm), timings=timings,
+    return SamplerOutput(samples=vals, info=recs, step_size=np.asarray(warms.step_size),
+                         inverse_mass_matrix=np.asarray(warms.inverse_mass_matrix),
+                         timings=timings,
                          final_positions=np.asarray(states.position))
 
 
@@ -323,7 +359,7 @@ class _Checkpoint:
         self.path = Path(path) if path else None
         self.shape = (n_chains, dim)
 
-    def save(self, states, warms, done_warm, done_samp, collected, step_size, imm):
+    def save(self, states, warms, done_warm, done_samp, collected):
         if self.path is None:
             return
         leaves = jax.tree.leaves((states, warms))
@@ -333,8 +369,6 @@ class _Checkpoint:
                                 *[c for c in collected])
             for i, x in enumerate(jax.tree.leaves(vals)):
                 arrays[f"c{i}"] = x
-            arrays["step_size"] = np.asarray(step_size)
-            arrays["imm"] = np.asarray(imm)
         tmp = self.path.with_name(self.path.name + ".tmp.npz")
         np.savez(tmp, done=np.array([done_warm, done_samp]),
                  shape=np.array(self.shape), **arrays)
@@ -352,12 +386,11 @@ class _Checkpoint:
             new = [jnp.asarray(z[f"s{i}"]) for i in range(len(leaves))]
             states, warms = jax.tree.unflatten(treedef, new)
             done_warm, done_samp = (int(v) for v in z["done"])
-            collected, step_size, imm = [], None, None
-            if done_samp:
+            collected = []
+            if done_samp:  # the warm-up state then holds the sampling step size and metric
                 ckeys = sorted((k for k in z.files if k.startswith("c")),
                                key=lambda k: int(k[1:]))
                 collected = [[z[k] for k in ckeys]]  # leaves; tree rebuilt by caller
-                step_size, imm = jnp.asarray(z["step_size"]), jnp.asarray(z["imm"])
-            return states, warms, done_warm, done_samp, collected, step_size, imm
+            return states, warms, done_warm, done_samp, collected
         except (OSError, KeyError) as exc:
             raise ValueError(f"checkpoint {self.path} is unreadable: {exc}") from exc
