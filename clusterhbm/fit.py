@@ -327,41 +327,54 @@ def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: f
     return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, float(best_l)
 
 
+def curvature_diagonal(logdensity_fn, position):
+    """The diagonal of the Hessian of ``logdensity_fn`` at ``position``, flattened (D,).
+
+    Stars interact only through the population, so the Hessian has no star-star cross
+    terms and its diagonal costs one Hessian-vector product per population coordinate
+    plus one per *kind* of star coordinate (all stars at once). The products are vmapped
+    over those basis directions: one traced program, pure and jittable (and vmappable
+    over clusters, see :func:`clusterhbm.parallel.fit_many`).
+    """
+    from jax.flatten_util import ravel_pytree
+
+    def safe(p):
+        lp = logdensity_fn(p)
+        return jnp.where(jnp.isfinite(lp), lp, 0.0)
+
+    grad = jax.grad(safe)
+    pop_keys, star_keys = list(position["pop"]), list(position["star"])
+    n_dir = len(pop_keys) + len(star_keys)
+    tangents = {"pop": {k: jnp.zeros((n_dir,) + jnp.shape(v), jnp.result_type(v))
+                        .at[j].set(1.0) for j, (k, v) in enumerate(position["pop"].items())},
+                "star": {k: jnp.zeros((n_dir,) + jnp.shape(v), jnp.result_type(v))
+                         .at[len(pop_keys) + i].set(1.0)
+                         for i, (k, v) in enumerate(position["star"].items())}}
+    hv = jax.vmap(lambda t: jax.jvp(grad, (position,), (t,))[1])(tangents)
+    diag = {"pop": {k: hv["pop"][k][j] for j, k in enumerate(pop_keys)},
+            "star": {k: hv["star"][k][len(pop_keys) + i] for i, k in enumerate(star_keys)}}
+    return ravel_pytree(diag)[0]
+
+
+def metric_from_curvature(diag, *, min_var: float = 1e-10, max_var: float = 1e2):
+    """Variances 1 / (-H_ii) clipped to ``[min_var, max_var]``; 1 where the curvature is not
+    negative (a flat or convex direction) or not finite."""
+    var = jnp.where(jnp.isfinite(diag) & (diag < 0), -1.0 / jnp.where(diag < 0, diag, -1.0),
+                    1.0)
+    return jnp.clip(var, min_var, max_var)
+
+
 def curvature_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10,
                              max_var: float = 1e2):
     """A diagonal inverse metric (D,) from the curvature of the log density at ``position``.
 
-    The diagonal of the Hessian costs one Hessian-vector product per population
-    coordinate and one per *kind* of star coordinate (all stars at once), because stars
-    interact only through the population: the Hessian has no star-star cross terms. Each
-    variance is 1 / (-H_ii), clipped to ``[min_var, max_var]``; where the curvature is not
-    negative (a flat or convex direction) it is 1. Flattened in the order of
+    See :func:`curvature_diagonal` (the Hessian diagonal from a handful of Hessian-vector
+    products) and :func:`metric_from_curvature`. Flattened in the order of
     ``jax.flatten_util.ravel_pytree(position)``, as :func:`~clusterhbm.sampling.run_nuts`
     uses.
     """
-    from jax.flatten_util import ravel_pytree
-
-    grad = jax.grad(lambda p: jnp.where(jnp.isfinite(logdensity_fn(p)), logdensity_fn(p),
-                                        0.0))
-
-    def hvp(v):
-        return jax.jvp(grad, (position,), (v,))[1]
-
-    hvp = jax.jit(hvp)
-    zeros = jax.tree.map(jnp.zeros_like, position)
-    diag = jax.tree.map(jnp.zeros_like, position)
-    for k in position["pop"]:
-        v = {"pop": dict(zeros["pop"], **{k: jnp.ones_like(zeros["pop"][k])}),
-             "star": zeros["star"]}
-        diag["pop"][k] = hvp(v)["pop"][k]
-    for k in position["star"]:
-        v = {"pop": zeros["pop"],
-             "star": dict(zeros["star"], **{k: jnp.ones_like(zeros["star"][k])})}
-        diag["star"][k] = hvp(v)["star"][k]
-    flat, _ = ravel_pytree(diag)
-    var = jnp.where(jnp.isfinite(flat) & (flat < 0), -1.0 / jnp.where(flat < 0, flat, -1.0),
-                    1.0)
-    return jnp.clip(var, min_var, max_var)
+    diag = jax.jit(lambda p: curvature_diagonal(logdensity_fn, p))(position)
+    return metric_from_curvature(diag, min_var=min_var, max_var=max_var)
 
 
 def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: Priors,

@@ -74,6 +74,7 @@ from .sampling import (
     _kernel,
     _make_adapt_fn,
     _progress,
+    _strong,
     _to_sampling,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "CHAIN_AXIS",
     "CLUSTER_AXIS",
     "BatchOutput",
+    "batch_curvature_metric",
     "chain_sharding",
     "device_mesh",
     "fit_many",
@@ -257,6 +259,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
                    transform_fn: Callable | None = None, chunk_size: int = 100,
                    max_num_doublings: int = 10, target_accept: float = 0.8,
                    diagonal_mass_matrix: bool = True, initial_step_size: float = 0.1,
+                   initial_inverse_mass_matrix=None,
                    sharding: NamedSharding | None = None,
                    progress: bool = False) -> BatchOutput:
     """NUTS with window adaptation on K problems x C chains in one compiled program.
@@ -275,6 +278,8 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     cluster_args : pytree whose leaves have a leading problem axis (K, ...)
     init_positions : pytree whose leaves have leading axes (K, C, ...)
     transform_fn : callable(position, args) -> dict stored per draw (default: position)
+    initial_inverse_mass_matrix : optional diagonal (K, D) or (K, C, D) to start warm-up
+        from (default the identity), e.g. from :func:`batch_curvature_metric`
     sharding : optional ``NamedSharding`` whose leading partitioned axis splits the K
         problems over devices (K must be a multiple of the number of devices), e.g.
         ``NamedSharding(device_mesh(axis_name=CLUSTER_AXIS), PartitionSpec(CLUSTER_AXIS))``
@@ -308,20 +313,32 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     mm_init, _, _ = mass_matrix_adaptation(diagonal_mass_matrix)
     adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix)
 
-    def init_all(flat, args):
-        def per_problem(x, a):
+    if initial_inverse_mass_matrix is None:
+        imm0 = jnp.ones_like(flat0)
+    else:
+        imm0 = jnp.asarray(initial_inverse_mass_matrix, flat0.dtype)
+        if imm0.ndim == 2:
+            imm0 = jnp.broadcast_to(imm0[:, None, :], flat0.shape)
+        if imm0.shape != flat0.shape:
+            raise ValueError(f"initial_inverse_mass_matrix has shape {imm0.shape}, expected "
+                             f"(K, D) or (K, C, D) = {flat0.shape}")
+
+    def init_all(flat, args, imm):
+        def per_problem(x, a, m):
             def ld(y):
                 return logdensity_fn(unravel(y), a)
 
-            def one(xi):
+            def one(xi, mi):
                 mm = mm_init(xi.shape[0])
-                return nuts.init(xi, ld), WarmupState(
+                mm = mm._replace(inverse_mass_matrix=mi if diagonal_mass_matrix
+                                 else jnp.diag(mi))
+                return _strong((nuts.init(xi, ld), WarmupState(
                     da_init(initial_step_size), mm, jnp.asarray(initial_step_size, xi.dtype),
-                    mm.inverse_mass_matrix)
+                    mm.inverse_mass_matrix)))
 
-            return jax.vmap(one)(x)
+            return jax.vmap(one)(x, m)
 
-        return jax.vmap(per_problem)(flat, args)
+        return jax.vmap(per_problem)(flat, args, imm)
 
     def chunk_local(states, warms, keys, args, stages, ends, adapting):
         """Warm-up (``adapting``) or sampling steps: one compiled program for both phases.
@@ -348,7 +365,8 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
                            "energy": info.energy, "logdensity": s.logdensity}
                     return (s, w), (transform(unravel(s.position), a), rec)
 
-                return jax.lax.scan(body, (s0, w0), (kk, stages, ends))
+                carry, out = jax.lax.scan(body, (s0, w0), (kk, stages, ends))
+                return _strong(carry), out
 
             return jax.vmap(one)(st, wa, ks)
 
@@ -374,7 +392,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
     schedule = np.asarray(build_schedule(num_warmup)) if num_warmup > 0 else np.zeros((0, 2))
     step_len = _chunk_length(chunk_size, num_warmup, num_samples)
     args = place(cluster_args)
-    states, warms = place(jax.jit(init_all)(flat0, cluster_args))
+    states, warms = place(jax.jit(init_all)(flat0, cluster_args, imm0))
     wkeys = place(jax.random.split(k_warm, (n_prob, n_chains, max(num_warmup, 1))))
     bar = _progress(progress, num_warmup + num_samples, 0)
     t0 = time.perf_counter()
@@ -393,7 +411,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
         bar.update(n)
     t_warm = time.perf_counter() - t0
     if num_warmup > 0:  # else: the initial step size and the unit metric
-        warms = place(jax.jit(jax.vmap(jax.vmap(_to_sampling)))(warms))
+        warms = place(jax.jit(jax.vmap(jax.vmap(lambda w: _strong(_to_sampling(w)))))(warms))
     skeys = place(jax.random.split(k_samp, (n_prob, n_chains, max(num_samples, 1))))
     t1 = time.perf_counter()
     collected, done = [], 0
@@ -424,6 +442,22 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
 
 
 # --------------------------------------------------------------------------- fit_many
+
+
+def batch_curvature_metric(logdensity_fn: Callable, positions, cluster_args):
+    """Starting diagonal metrics (K, D) of K problems, from each one's curvature.
+
+    :func:`clusterhbm.fit.curvature_inverse_metric` vmapped over problems: one compiled
+    program for the whole batch. ``logdensity_fn(position, args)``; ``positions`` and
+    ``cluster_args`` have a leading problem axis.
+    """
+    from .fit import curvature_diagonal, metric_from_curvature
+
+    def one(pos, args):
+        return curvature_diagonal(lambda p: logdensity_fn(p, args), pos)
+
+    return metric_from_curvature(jax.jit(jax.vmap(one))(positions, cluster_args))
+
 
 
 def _optimise_batch(logdensity_fn, positions, cluster_args, *, num_steps: int,
@@ -578,7 +612,6 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
     inits_kc = jax.vmap(lambda kk: jax.tree.map(
         lambda x: x + jit_scale * jax.random.normal(kk, x.shape, x.dtype), positions),
         out_axes=1)(ckeys)
-    t_init = time.perf_counter() - t_start
 
     sharding = None
     if devices is not None and len(devices) > 1:
@@ -588,7 +621,10 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
     def transform(p, args):
         return derived_quantities(p, grid, config, priors)
 
+    imm0 = batch_curvature_metric(ld, positions, cluster_args)
+    t_init = time.perf_counter() - t_start
     out = run_nuts_batch(k_run, ld, cluster_args, inits_kc, num_warmup=num_warmup,
+                         initial_inverse_mass_matrix=imm0,
                          num_samples=num_samples, transform_fn=transform,
                          chunk_size=chunk_size, max_num_doublings=max_num_doublings,
                          target_accept=target_accept,

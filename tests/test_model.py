@@ -187,8 +187,30 @@ def test_density_traced_a_bounded_number_of_times():
     out = run_nuts(jax.random.key(0), counted, inits, num_warmup=30, num_samples=30,
                    chunk_size=10, max_num_doublings=4)
     assert out.info["is_divergent"].shape == (2, 30)
-    # one trace each for init, warm-up chunk and sampling chunk (+ transform); not per chunk
-    assert count["n"] <= 8, count["n"]
+    # init and one chunk program shared by warm-up and sampling (the NUTS kernel traces
+    # the density a few times); not once per chunk or per phase
+    assert count["n"] <= 5, count["n"]
+
+
+def test_curvature_diagonal_equals_hessian_diagonal():
+    """The HVP-per-coordinate-kind diagonal equals the diagonal of the full Hessian."""
+    from jax.flatten_util import ravel_pytree
+
+    from clusterhbm.fit import curvature_diagonal, curvature_inverse_metric
+
+    with x64():
+        grid = load_grid(dtype=jnp.float64)
+        data, pop, star = _toy(jnp.float64)
+        cfg = ModelConfig(band_idx=GAIA)
+        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+        ld = make_logdensity_fn(data, grid, cfg)
+        x0, unravel = ravel_pytree(position)
+        full = np.diag(np.asarray(jax.jit(jax.hessian(lambda x: ld(unravel(x))))(x0)))
+        got = np.asarray(jax.jit(lambda p: curvature_diagonal(ld, p))(position))
+        np.testing.assert_allclose(got, full, rtol=1e-8, atol=1e-8)
+        var = np.asarray(curvature_inverse_metric(ld, position, min_var=1e-12, max_var=1e6))
+        want = np.where(full < 0, -1.0 / np.where(full < 0, full, -1.0), 1.0)
+        np.testing.assert_allclose(var, np.clip(want, 1e-12, 1e6), rtol=1e-8)
 
 
 def test_checkpoint_resume_gives_identical_draws(tmp_path, monkeypatch):
