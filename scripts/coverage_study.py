@@ -47,7 +47,11 @@ def main(argv=None):
     p.add_argument("--chains", type=int, default=2)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--samples", type=int, default=300)
-    p.add_argument("--chunk", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=50)
+    p.add_argument("--max-doublings", type=int, default=7,
+                   help="NUTS tree depth cap (vmapped chains wait for the longest tree)")
+    p.add_argument("--metric", choices=("dense", "diag"), default="diag",
+                   help="adapted mass matrix (a dense one needs a longer warm-up)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -59,6 +63,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     fits = fit_many(cats, num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
                     seed=0, grid=grid, chunk_size=a.chunk, progress=True,
+                    max_num_doublings=a.max_doublings,
+                    dense_mass_matrix=a.metric == "dense",
                     truths=[truth] * a.n_mocks)
     wall = time.perf_counter() - t0
     rows = []
