@@ -286,45 +286,50 @@ def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_cha
     return jax.jit(jax.vmap(jit_one))(keys)
 
 
-def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: float = 0.02):
-    """Adam on -log density, widths held fixed (they would collapse at the mode)."""
+def adam_best(logdensity_fn, position, *, num_steps: int = 300,
+              learning_rate: float = 0.02):
+    """Adam on -log density from ``position``, widths held fixed (they would collapse at
+    the mode); returns the best position seen and its -log density. Pure and traceable
+    (jit it, or vmap it over problems as :func:`clusterhbm.parallel.fit_many` does)."""
     import optax
 
     frozen = {k for k in position["pop"] if k.startswith("ln_sigma")}
-
-    def split(p):
-        free = {"pop": {k: v for k, v in p["pop"].items() if k not in frozen},
-                "star": p["star"]}
-        fixed = {k: v for k, v in p["pop"].items() if k in frozen}
-        return free, fixed
-
-    free, fixed = split(position)
+    free = {"pop": {k: v for k, v in position["pop"].items() if k not in frozen},
+            "star": position["star"]}
+    fixed = {k: v for k, v in position["pop"].items() if k in frozen}
 
     def loss(fr):
-        p = {"pop": {**fr["pop"], **fixed}, "star": fr["star"]}
-        lp = logdensity_fn(p)
+        lp = logdensity_fn({"pop": {**fr["pop"], **fixed}, "star": fr["star"]})
         return -jnp.where(jnp.isfinite(lp), lp, -1e30)
 
     opt = optax.adam(learning_rate)
 
-    @jax.jit
-    def run(fr):
-        def body(carry, _):
-            fr, st, best, best_l = carry
-            l, g = jax.value_and_grad(loss)(fr)
-            g = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), g)
-            upd, st = opt.update(g, st, fr)
-            better = l < best_l
-            best = jax.tree.map(lambda a, b: jnp.where(better, a, b), fr, best)
-            best_l = jnp.where(better, l, best_l)
-            return (optax.apply_updates(fr, upd), st, best, best_l), l
+    def body(carry, _):
+        fr, st, best, best_l = carry
+        val, g = jax.value_and_grad(loss)(fr)
+        g = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), g)
+        upd, st = opt.update(g, st, fr)
+        better = val < best_l
+        best = jax.tree.map(lambda x, y: jnp.where(better, x, y), fr, best)
+        best_l = jnp.where(better, val, best_l)
+        return (optax.apply_updates(fr, upd), st, best, best_l), None
 
-        init = (fr, opt.init(fr), fr, loss(fr))
-        (fr, _, best, best_l), _ = jax.lax.scan(body, init, None, length=num_steps)
-        return best, best_l
+    init = (free, opt.init(free), free, loss(free))
+    (_, _, best, best_l), _ = jax.lax.scan(body, init, None, length=num_steps)
+    return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, best_l
 
-    best, best_l = run(free)
-    return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, float(best_l)
+
+def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: float = 0.02):
+    """:func:`adam_best`, compiled; the loss as a Python float."""
+    best, best_l = jax.jit(lambda p: adam_best(logdensity_fn, p, num_steps=num_steps,
+                                               learning_rate=learning_rate))(position)
+    return best, float(best_l)
+
+
+def width_flags(fit_widths) -> tuple:
+    """``fit_widths`` (one bool, or 4 for age, [Fe/H], distance, A_V) as a tuple of 4."""
+    fit_widths = width_flags(fit_widths)
+    return fit_widths
 
 
 def curvature_diagonal(logdensity_fn, position):

@@ -74,6 +74,7 @@ from .sampling import (
     _kernel,
     _make_adapt_fn,
     _progress,
+    _step_record,
     _strong,
     _to_sampling,
 )
@@ -358,12 +359,7 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
                                      max_num_doublings=max_num_doublings)
                     w_new = adapt(w, info.acceptance_rate, s.position, stage, end)
                     w = jax.tree.map(lambda x, y: jnp.where(adapting, x, y), w_new, w)
-                    rec = {"is_divergent": info.is_divergent,
-                           "num_integration_steps": info.num_integration_steps,
-                           "num_trajectory_expansions": info.num_trajectory_expansions,
-                           "acceptance_rate": info.acceptance_rate,
-                           "energy": info.energy, "logdensity": s.logdensity}
-                    return (s, w), (transform(unravel(s.position), a), rec)
+                    return (s, w), (transform(unravel(s.position), a), _step_record(info, s))
 
                 carry, out = jax.lax.scan(body, (s0, w0), (kk, stages, ends))
                 return _strong(carry), out
@@ -462,34 +458,12 @@ def batch_curvature_metric(logdensity_fn: Callable, positions, cluster_args):
 
 def _optimise_batch(logdensity_fn, positions, cluster_args, *, num_steps: int,
                     learning_rate: float = 0.02):
-    """Adam on -log density of every problem at once, widths held fixed (as fit._optimise)."""
-    import optax
-
-    frozen = {k for k in positions["pop"] if k.startswith("ln_sigma")}
-    opt = optax.adam(learning_rate)
+    """:func:`clusterhbm.fit.adam_best` on every problem at once (vmapped, one program)."""
+    from .fit import adam_best
 
     def run_one(position, args):
-        free = {"pop": {k: v for k, v in position["pop"].items() if k not in frozen},
-                "star": position["star"]}
-        fixed = {k: v for k, v in position["pop"].items() if k in frozen}
-
-        def loss(fr):
-            lp = logdensity_fn({"pop": {**fr["pop"], **fixed}, "star": fr["star"]}, args)
-            return -jnp.where(jnp.isfinite(lp), lp, -1e30)
-
-        def body(carry, _):
-            fr, st, best, best_l = carry
-            val, g = jax.value_and_grad(loss)(fr)
-            g = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), g)
-            upd, st = opt.update(g, st, fr)
-            better = val < best_l
-            best = jax.tree.map(lambda a, b: jnp.where(better, a, b), fr, best)
-            best_l = jnp.where(better, val, best_l)
-            return (optax.apply_updates(fr, upd), st, best, best_l), None
-
-        init = (free, opt.init(free), free, loss(free))
-        (_, _, best, best_l), _ = jax.lax.scan(body, init, None, length=num_steps)
-        return {"pop": {**best["pop"], **fixed}, "star": best["star"]}, best_l
+        return adam_best(lambda p: logdensity_fn(p, args), position, num_steps=num_steps,
+                         learning_rate=learning_rate)
 
     return jax.jit(jax.vmap(run_one))(positions, cluster_args)
 
@@ -532,7 +506,13 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
     list of :class:`clusterhbm.results.FitResult`, one per catalogue, in order; star
     arrays hold the real stars only. ``timings`` are those of the whole batch.
     """
-    from .fit import derived_quantities, initial_guess, initial_positions, prepare_data
+    from .fit import (
+        derived_quantities,
+        initial_guess,
+        initial_positions,
+        prepare_data,
+        width_flags,
+    )
     from .grid import band_indices, load_grid
     from .results import FitResult
 
@@ -550,11 +530,7 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
         raise ValueError(f"inits and truths need one entry per catalogue ({n_clusters})")
     grid = load_grid() if grid is None else grid
     priors = Priors() if priors is None else priors
-    if isinstance(fit_widths, bool):
-        fit_widths = (fit_widths,) * 4
-    fit_widths = tuple(bool(x) for x in fit_widths)
-    if len(fit_widths) != 4:
-        raise ValueError(f"fit_widths needs 4 flags (age, feh, distance, A_V), got {fit_widths}")
+    fit_widths = width_flags(fit_widths)
 
     fds = [prepare_data(c, use_parallax=use_parallax) for c in catalogues]
     bands = {fd.bands for fd in fds}

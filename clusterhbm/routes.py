@@ -79,6 +79,7 @@ from .fit import (
     initial_guess,
     initial_positions,
     prepare_data,
+    width_flags,
 )
 from .grid import ModelGrid, band_indices, load_grid
 from .hbm import (
@@ -228,11 +229,7 @@ def prepare_problem(catalogue, *, fit_widths=False, grid: ModelGrid | None = Non
     """
     grid = load_grid() if grid is None else grid
     priors = Priors() if priors is None else priors
-    if isinstance(fit_widths, bool):
-        fit_widths = (fit_widths,) * 4
-    fit_widths = tuple(bool(x) for x in fit_widths)
-    if len(fit_widths) != 4:
-        raise ValueError(f"fit_widths needs 4 flags (age, feh, distance, A_V), got {fit_widths}")
+    fit_widths = width_flags(fit_widths)
     fd = prepare_data(catalogue)
     config = ModelConfig(band_idx=band_indices(fd.bands), pooled=True, fit_widths=fit_widths)
     guess, eep0 = initial_guess(fd.data, grid, config.band_idx, init=init)

@@ -118,6 +118,15 @@ def _make_adapt_fn(*, target_accept, diagonal):
     return adapt
 
 
+def _step_record(info, state) -> dict:
+    """What is kept of one NUTS step: its statistics and the new log density."""
+    return {"is_divergent": info.is_divergent,
+            "num_integration_steps": info.num_integration_steps,
+            "num_trajectory_expansions": info.num_trajectory_expansions,
+            "acceptance_rate": info.acceptance_rate, "energy": info.energy,
+            "logdensity": state.logdensity}
+
+
 def _strong(tree):
     """Every leaf without JAX's weak type, so that a chunk's output state has exactly the
     types of its input state and the next chunk reuses the compiled program."""
@@ -207,13 +216,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
                                  max_num_doublings=max_num_doublings)
                 w_new = adapt(w, info.acceptance_rate, s.position, stage, end)
                 w = jax.tree.map(lambda a, b: jnp.where(adapting, a, b), w_new, w)
-                rec = {"is_divergent": info.is_divergent,
-                       "num_integration_steps": info.num_integration_steps,
-                       "num_trajectory_expansions": info.num_trajectory_expansions,
-                       "acceptance_rate": info.acceptance_rate,
-                       "energy": info.energy,
-                       "logdensity": s.logdensity}
-                return (s, w), (transform_flat(s.position), rec)
+                return (s, w), (transform_flat(s.position), _step_record(info, s))
 
             carry, out = jax.lax.scan(body, (state, warm), (ks, stages, ends))
             return _strong(carry), out
