@@ -328,7 +328,11 @@ def _optimise(logdensity_fn, position, *, num_steps: int = 300, learning_rate: f
 
 def width_flags(fit_widths) -> tuple:
     """``fit_widths`` (one bool, or 4 for age, [Fe/H], distance, A_V) as a tuple of 4."""
-    fit_widths = width_flags(fit_widths)
+    if isinstance(fit_widths, bool):
+        fit_widths = (fit_widths,) * 4
+    fit_widths = tuple(bool(x) for x in fit_widths)
+    if len(fit_widths) != 4:
+        raise ValueError(f"fit_widths needs 4 flags (age, feh, distance, A_V), got {fit_widths}")
     return fit_widths
 
 
@@ -477,11 +481,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     t_start = time.perf_counter()
     grid = load_grid() if grid is None else grid
     priors = Priors() if priors is None else priors
-    if isinstance(fit_widths, bool):
-        fit_widths = (fit_widths,) * 4
-    fit_widths = tuple(bool(x) for x in fit_widths)
-    if len(fit_widths) != 4:
-        raise ValueError(f"fit_widths needs 4 flags (age, feh, distance, A_V), got {fit_widths}")
+    fit_widths = width_flags(fit_widths)
     for name, v in (("num_chains", num_chains), ("num_samples", num_samples)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
