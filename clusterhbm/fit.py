@@ -43,11 +43,14 @@ from .sampling import run_nuts
 __all__ = [
     "FitData",
     "bands_for_release",
+    "best_of_starts",
     "fit_cluster",
     "initial_guess",
     "initial_positions",
+    "optimise_starts",
     "prepare_data",
     "priors_from_toml",
+    "start_candidates",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,7 +206,8 @@ def _isochrone_scores(grid, band_idx, data, params, eeps):
     return jax.lax.map(one, params, batch_size=8)
 
 
-def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | None = None):
+def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | None = None,
+                  verbose: bool = True):
     """A starting point: population values (physical units) and one EEP per star."""
     init = dict(init or {})
     d0 = init.get("distance_pc") or _distance_guess(data)
@@ -242,13 +246,85 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     a, f, d, v = (float(x) for x in grid2[k])
     out = {"log_age": a, "feh": f, "distance_pc": d, "av_mag": v}
     out.update({k2: v2 for k2, v2 in init.items() if k2 in out})
-    log.info("initial guess: log_age %.2f, [Fe/H] %.2f, distance %.0f pc, A_V %.2f", a, f,
-             d, v)
+    (log.info if verbose else log.debug)(
+        "initial guess: log_age %.2f, [Fe/H] %.2f, distance %.0f pc, A_V %.2f", a, f, d, v)
     if scan_data is data:
         return out, np.asarray(eep2[k])
     # every star's nearest EEP on the chosen isochrone
     _, eep_all = _isochrone_scores(grid, band_idx, data, jnp.asarray(grid2[k:k + 1]), eeps)
     return out, np.asarray(eep_all[0])
+
+
+#: log-age offsets (dex) from the isochrone-scan guess at which the optimiser also starts
+START_AGE_OFFSETS = (-0.1, -0.05, 0.05, 0.1)
+
+
+def start_candidates(data: StarData, grid: ModelGrid, band_idx, guess: dict, eep0, *,
+                     init: dict | None = None, n_starts: int = 5):
+    """Up to ``n_starts`` population starts: the scan's ``guess`` and its neighbours in age.
+
+    The optimiser can stop in a local mode whose log density is ~100 below the best one,
+    with the population age ~0.1 dex off and A_V compensating (measured on coverage mock
+    2009 of ``scripts/coverage_study.py``, see ``scripts/multistart_check.py``); NUTS
+    chains started there stay there. Each neighbour re-scans [Fe/H], distance and A_V and
+    re-assigns every star's EEP on the isochrone of that age, so the starts differ in the
+    stars' branches (turnoff hook, subgiant branch) as well as in the population.
+
+    Returns a list of ``(pop_values, eep)``; the first is ``(guess, eep0)``. A user-fixed
+    ``init["log_age"]`` gives that start only.
+    """
+    init = dict(init or {})
+    cands = [(dict(guess), np.asarray(eep0))]
+    if "log_age" in init or n_starts <= 1:
+        return cands
+    lo, hi = float(grid.iso.log_age[0]), float(grid.iso.log_age[-1])
+    seen = {round(float(guess["log_age"]), 3)}
+    for off in START_AGE_OFFSETS:
+        if len(cands) >= n_starts:
+            break
+        a = float(np.clip(guess["log_age"] + off, lo, hi))
+        if round(a, 3) in seen:
+            continue
+        seen.add(round(a, 3))
+        g, e = initial_guess(data, grid, band_idx, init={**init, "log_age": a},
+                             verbose=False)
+        cands.append(({**guess, **g}, np.asarray(e)))
+    return cands
+
+
+def optimise_starts(logdensity_fn, positions, *, num_steps: int = 300,
+                    learning_rate: float = 0.02):
+    """:func:`adam_best` from S starts at once (leading axis S, one compiled program).
+
+    Returns the S optimised positions and their -log densities (numpy, (S,)).
+    """
+    best, loss = jax.jit(jax.vmap(lambda p: adam_best(
+        logdensity_fn, p, num_steps=num_steps, learning_rate=learning_rate)))(positions)
+    return best, np.asarray(loss)
+
+
+def best_of_starts(logdensity_fn, cands, config: ModelConfig, grid: ModelGrid, rng_key, *,
+                   num_steps: int = 300):
+    """Optimise from every candidate start; return (position, index, losses).
+
+    With ``num_steps == 0`` the first candidate's position is returned unoptimised.
+    """
+    pos = [jax.tree.map(lambda x: x[0], initial_positions(rng_key, g, e, config, 1,
+                                                          grid=grid, jitter=0.0))
+           for g, e in cands]
+    if not num_steps:
+        return pos[0], 0, None
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *pos)
+    best, loss = optimise_starts(logdensity_fn, stacked, num_steps=num_steps)
+    k = int(np.argmin(np.where(np.isfinite(loss), loss, np.inf)))
+    if len(cands) > 1:
+        ages = [float(np.asarray(best["pop"]["log_age"][i])) for i in range(len(cands))]
+        log.info("optimised from %d starts: -log density %s at log_age %s; best: start %d",
+                 len(cands), np.round(loss, 1), np.round(ages, 3), k)
+        if np.sum(loss - loss[k] > 10.0) > 0:
+            log.info("%d of %d starts ended >10 below the best log density (local modes)",
+                     int(np.sum(loss - loss[k] > 10.0)), len(cands))
+    return jax.tree.map(lambda x: x[k], best), k, loss
 
 
 def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_chains: int, *,
@@ -443,7 +519,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                 chunk_size: int = 100, max_num_doublings: int = 10,
                 target_accept: float = 0.8, use_parallax: bool = True,
                 dense_mass_matrix: bool | None = None, pseudo_mass_eps: float = 3e-3,
-                truth: dict | None = None, optimise_steps: int = 300,
+                truth: dict | None = None, optimise_steps: int = 300, n_starts: int = 5,
                 binaries: bool = False, field: bool = False, selection: bool = False,
                 g_lim: float | None = None, g_bright: float | None = None,
                 fit_mf_slope: bool = False, member_prob_column: str | None = "member_prob"):
@@ -463,6 +539,9 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     dense_mass_matrix : adapt a dense metric (default: when the dimension is <= 4000)
     pseudo_mass_eps : eps of the per-star coordinate m + eps * EEP (large: EEP-like)
     truth : optional dict of true population values (stored with the results)
+    optimise_steps, n_starts : Adam steps from each of ``n_starts`` starts (the isochrone
+        scan's guess and its neighbours in log age, :func:`start_candidates`); every chain
+        starts, jittered, from the best optimum
     binaries : unresolved binaries (latent mass ratio per star, fitted ``f_bin``)
     field : field/outlier mixture component (fitted ``f_field``; per-star ``p_member``)
     selection : the member density is normalised by the detection probability within
@@ -535,12 +614,14 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         priors = priors._replace(unpooled_distance_pc=guess["distance_pc"],
                                  unpooled_sigma_distance_pc=0.5 * guess["distance_pc"])
     logdensity_fn = make_logdensity_fn(fd.data, grid, config, priors)
-    # chain 0 position -> optimise -> jitter for all chains
-    pos1 = jax.tree.map(lambda x: x[0], initial_positions(k_init, guess, eep0, config, 1,
-                                                          grid=grid, jitter=0.0))
-    if optimise_steps:
-        pos1, loss = _optimise(logdensity_fn, pos1, num_steps=optimise_steps)
-        log.info("optimised start: -log density %.1f", loss)
+    # several starts -> optimise each -> the best, jittered, for all chains
+    cands = start_candidates(fd.data, grid, band_idx, guess, eep0, init=init,
+                             n_starts=n_starts if optimise_steps else 1)
+    pos1, k_best, losses = best_of_starts(logdensity_fn, cands, config, grid, k_init,
+                                          num_steps=optimise_steps)
+    guess = cands[k_best][0]
+    if losses is not None:
+        log.info("optimised start: -log density %.1f", float(losses[k_best]))
     per_star = np.asarray(star_log_densities(pos1, fd.data, grid, config, priors))
     n_bad = int(np.sum(~np.isfinite(per_star)))
     if n_bad:
@@ -574,6 +655,9 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         "dense_mass_matrix": dense_mass_matrix, "pseudo_mass_eps": pseudo_mass_eps,
         "priors": {k: float(v) for k, v in priors._asdict().items()},
         "initial_guess": guess,
+        "optimised_starts": {"n": len(cands), "best": k_best,
+                             "neg_log_density": None if losses is None
+                             else [float(x) for x in losses]},
         "pop_position_keys": list(pop_position_keys(config)),
         "binaries": binaries, "field": field, "selection": selection,
         "fit_mf_slope": fit_mf_slope, "g_lim": priors.g_lim if selection else None,

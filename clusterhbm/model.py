@@ -319,7 +319,8 @@ def star_values(star: dict, popv: dict, config: ModelConfig, grid: ModelGrid):
         av = popv["av_mag"]
     table = popv.get("iso_table")
     if table is not None:
-        eep, ok = table_eep_from_mass(table, star["s"], eps=config.pseudo_mass_eps)
+        eep, ok = table_eep_from_mass(table, star["s"], eps=config.pseudo_mass_eps,
+                                      cubic=config.cubic)
     else:
         eep, ok = eep_from_mass(grid.iso, star["s"], log_age, feh, cubic=config.cubic,
                                 eps=config.pseudo_mass_eps)
@@ -327,10 +328,12 @@ def star_values(star: dict, popv: dict, config: ModelConfig, grid: ModelGrid):
 
 
 def shared_isochrone(config: ModelConfig) -> bool:
-    """Whether every star shares one isochrone (age and [Fe/H] widths zero, linear scheme):
-    then it is interpolated once per evaluation (:class:`~clusterhbm.isochrone.IsochroneTable`)
-    and each star needs only 1-D look-ups. The density is the same either way."""
-    return config.pooled and not config.cubic and not any(config.fit_widths[:2])
+    """Whether every star shares one isochrone (age and [Fe/H] widths zero): then it is
+    interpolated once per evaluation (:class:`~clusterhbm.isochrone.IsochroneTable`) and
+    each star needs only 1-D look-ups. In the linear scheme the density is the same either
+    way; in the cubic scheme it is equal at grid nodes of (log age, [Fe/H]) and differs
+    slightly between them (the order of the Steffen steps, see the table's docstring)."""
+    return config.pooled and not any(config.fit_widths[:2])
 
 
 def star_observables(grid: ModelGrid, config: ModelConfig, eep, log_age, feh, dist,
@@ -340,7 +343,7 @@ def star_observables(grid: ModelGrid, config: ModelConfig, eep, log_age, feh, di
     ``table``: the shared isochrone (see :func:`shared_isochrone`), if any.
     """
     if table is not None:
-        props = table_interp(table, eep)
+        props = table_interp(table, eep, cubic=config.cubic)
     else:
         props = interp_eep(grid.iso, eep, log_age, feh, cubic=config.cubic)
     return photometry(grid.bc, props, feh, dist, av, config.band_idx, cubic=config.cubic)
@@ -362,7 +365,7 @@ def _log_mass_prior(grid, config, priors, popv, eep, log_age, feh):
 
     def mass_of(e):
         if table is not None:
-            return table_interp(table, e).initial_mass
+            return table_interp(table, e, cubic=config.cubic).initial_mass
         return interp_eep(grid.iso, e, log_age, feh, cubic=config.cubic,
                           columns=(COL_INITIAL_MASS,)).initial_mass
 
@@ -449,7 +452,7 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
         q = priors.q_min + (1.0 - priors.q_min) * jax.nn.sigmoid(x)
         log_prior += jax.nn.log_sigmoid(x) + jax.nn.log_sigmoid(-x)  # uniform q
         if table is not None:
-            eep2, ok2 = table_eep_from_mass(table, q * m1)
+            eep2, ok2 = table_eep_from_mass(table, q * m1, cubic=config.cubic)
         else:
             eep2, ok2 = eep_from_mass(grid.iso, q * m1, log_age, feh, cubic=config.cubic)
         obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av, table)
@@ -561,7 +564,8 @@ def population_state(pop: dict, config: ModelConfig, priors: Priors, grid: Model
     """:func:`population_values` plus what every star shares (the detection probability)."""
     popv = population_values(pop, config, priors)
     if shared_isochrone(config):
-        popv["iso_table"] = isochrone_table(grid.iso, popv["log_age"], popv["feh"])
+        popv["iso_table"] = isochrone_table(grid.iso, popv["log_age"], popv["feh"],
+                                            cubic=config.cubic)
     if config.selection:
         if not config.pooled:
             raise ValueError("the selection function needs the pooled model")

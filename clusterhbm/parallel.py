@@ -474,6 +474,7 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
              priors: Priors | None = None, grid=None, pad_to: int | None = None,
              inits: Sequence[dict | None] | None = None,
              truths: Sequence[dict | None] | None = None, optimise_steps: int = 300,
+             n_starts: int = 5,
              dense_mass_matrix: bool | None = None, chunk_size: int = 100,
              max_num_doublings: int = 10, target_accept: float = 0.8,
              use_parallax: bool = True, pseudo_mass_eps: float = 3e-3,
@@ -496,6 +497,8 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
         (e.g. a power of two) reuses the compiled program
     inits, truths : optional per-cluster starting values and true values
     optimise_steps : Adam steps on the start (0: none)
+    n_starts : starts per cluster (:func:`clusterhbm.fit.start_candidates`); all clusters'
+        starts are optimised in one vmapped program and each keeps its best
     dense_mass_matrix : default dense when the padded dimension is <= 4000
     devices : if given and more than one, the clusters are split over these devices (K
         must be a multiple of their number)
@@ -511,6 +514,7 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
         initial_guess,
         initial_positions,
         prepare_data,
+        start_candidates,
         width_flags,
     )
     from .grid import band_indices, load_grid
@@ -551,13 +555,16 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
     k_init, k_jit, k_run = jax.random.split(key, 3)
 
     # per-cluster guess (the initial-guess scan compiles once per distinct cluster size)
-    guesses, eeps, datas, masks = [], [], [], []
+    # (the initial-guess scan compiles once per distinct cluster size); every cluster gets
+    # the same number of candidate starts (repeated when its neighbours coincide)
+    n_starts = max(int(n_starts), 1) if optimise_steps else 1
+    cands, datas, masks = [], [], []
     for k, fd in enumerate(fds):
         guess, eep0 = initial_guess(fd.data, grid, band_idx, init=inits[k])
-        eep0 = np.asarray(eep0)
-        eeps.append(np.concatenate([eep0, np.full(n_pad - eep0.size, eep0[0])]))
+        c = start_candidates(fd.data, grid, band_idx, guess, eep0, init=inits[k],
+                             n_starts=n_starts)
+        cands.append((c + [c[0]] * n_starts)[:n_starts])
         data, mask = pad_star_data(StarData(*fd.data), n_pad)
-        guesses.append(guess)
         datas.append(data)
         masks.append(mask)
 
@@ -565,9 +572,14 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
         return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
     cluster_args = (stack(datas), jnp.stack(masks))
-    # starting positions of all clusters in one compiled call; padded stars start at 0
+    # problems = clusters x starts, cluster-major
+    flat = [(k, g, e) for k in range(n_clusters) for g, e in cands[k]]
+    eeps = [np.concatenate([e, np.full(n_pad - e.size, e[0])]) for _, _, e in flat]
+    rep = np.repeat(np.arange(n_clusters), n_starts)
+    start_args = jax.tree.map(lambda x: x[rep], cluster_args)
+    # starting positions of all problems in one compiled call; padded stars start at 0
     dt = jnp.zeros(()).dtype
-    values = {k: jnp.asarray([float(g[k]) for g in guesses], dt)
+    values = {k: jnp.asarray([float(g[k]) for _, g, _ in flat], dt)
               for k in ("log_age", "feh", "distance_pc", "av_mag")}
 
     def start(vals, eep, mask, g):
@@ -577,12 +589,23 @@ def fit_many(catalogues: Sequence, *, num_chains: int = 4, num_warmup: int = 100
                 "star": {kk: jnp.where(mask, v, 0.0) for kk, v in pos["star"].items()}}
 
     positions = jax.jit(jax.vmap(start, in_axes=(0, 0, 0, None)))(
-        values, jnp.asarray(np.stack(eeps), dt), cluster_args[1], grid)
+        values, jnp.asarray(np.stack(eeps), dt), start_args[1], grid)
     ld = make_masked_logdensity_fn(grid, config, priors)
+    best = np.zeros(n_clusters, int)
     if optimise_steps:
-        positions, loss = _optimise_batch(ld, positions, cluster_args,
+        positions, loss = _optimise_batch(ld, positions, start_args,
                                           num_steps=optimise_steps)
-        log.info("optimised starts: -log density %s", np.round(np.asarray(loss), 1))
+        loss = np.asarray(loss).reshape(n_clusters, n_starts)
+        best = np.argmin(np.where(np.isfinite(loss), loss, np.inf), axis=1)
+        log.info("optimised starts: -log density %s (best of %d per cluster)",
+                 np.round(loss[np.arange(n_clusters), best], 1), n_starts)
+        n_local = int(np.sum(best > 0))
+        if n_starts > 1:
+            log.info("%d of %d clusters were best started off the scan's age", n_local,
+                     n_clusters)
+    pick = np.arange(n_clusters) * n_starts + best
+    positions = jax.tree.map(lambda x: x[pick], positions)
+    guesses = [cands[k][int(best[k])][0] for k in range(n_clusters)]
     jit_scale = 1e-3
     ckeys = jax.random.split(k_jit, num_chains)
     inits_kc = jax.vmap(lambda kk: jax.tree.map(

@@ -309,3 +309,76 @@ def test_missing_and_corrupt_grid_file(tmp_path):
     bad.write_bytes(default_grid_path().read_bytes()[:100_000])
     with pytest.raises(ValueError, match="corrupt"):
         load_grid(bad)
+
+
+# ------------------------------------------------- the shared isochrone table (fast path)
+
+
+def _table_props(table, eeps, cubic):
+    from clusterhbm.isochrone import table_interp
+
+    p = jax.vmap(lambda e: table_interp(table, e, cubic=cubic))(jnp.asarray(eeps))
+    return np.stack([np.asarray(p.initial_mass), np.asarray(p.log_teff),
+                     np.asarray(p.logg), np.asarray(p.logl)])
+
+
+@pytest.mark.parametrize("cubic", [False, True])
+def test_isochrone_table_equals_direct_interpolation(cubic):
+    """Linear: equal to interp_eep/eep_from_mass anywhere; cubic: equal at grid nodes of
+    (log age, [Fe/H]), for any EEP (the order of the Steffen steps differs between nodes)."""
+    from clusterhbm.isochrone import isochrone_table, table_eep_from_mass
+
+    with x64():
+        g = load_grid()
+        g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
+                         if jnp.issubdtype(x.dtype, jnp.floating) else x, g)
+        points = [(9.6, 0.0), (8.0, -0.5), (10.0, -1.0)]
+        if not cubic:
+            points += [(9.637, 0.13), (8.212, -0.71)]
+        for a, f in points:
+            t = isochrone_table(g.iso, a, f, cubic=cubic)
+            eeps = np.linspace(float(t.lo) + 1.3, float(t.hi) - 0.7, 40)
+            direct = jax.vmap(lambda e, a=a, f=f: interp_eep(g.iso, e, a, f, cubic=cubic))(
+                jnp.asarray(eeps))
+            want = np.stack([np.asarray(direct.initial_mass), np.asarray(direct.log_teff),
+                             np.asarray(direct.logg), np.asarray(direct.logl)])
+            np.testing.assert_allclose(_table_props(t, eeps, cubic), want, atol=1e-10)
+            pm = want[0] + 3e-3 * eeps
+            e_tab = jax.vmap(lambda m, t=t: table_eep_from_mass(t, m, eps=3e-3,
+                                                                cubic=cubic)[0])(
+                jnp.asarray(pm))
+            e_dir = jax.vmap(lambda m, a=a, f=f: eep_from_mass(g.iso, m, a, f, eps=3e-3,
+                                                               cubic=cubic)[0])(
+                jnp.asarray(pm))
+            np.testing.assert_allclose(np.asarray(e_tab), eeps, atol=1e-8)
+            np.testing.assert_allclose(np.asarray(e_tab), np.asarray(e_dir), atol=1e-8)
+
+
+def test_cubic_table_is_c1_across_an_age_node_and_linear_is_not():
+    """The kink the cubic table removes: d log Teff / d log age at fixed EEP jumps by ~4% at
+    an age node in the linear table and is continuous in the cubic one; the inverse's
+    gradient matches finite differences."""
+    from clusterhbm.isochrone import isochrone_table, table_eep_from_mass, table_interp
+
+    with x64():
+        g = load_grid()
+        g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
+                         if jnp.issubdtype(x.dtype, jnp.floating) else x, g)
+        jumps = {}
+        for cubic in (False, True):
+            def teff(a, cubic=cubic):
+                return table_interp(isochrone_table(g.iso, a, 0.0, cubic=cubic), 300.3,
+                                    cubic=cubic).log_teff
+
+            d = jax.grad(teff)
+            lo, hi = float(d(9.6 - 1e-9)), float(d(9.6 + 1e-9))
+            jumps[cubic] = abs(hi - lo) / abs(lo)
+        assert jumps[False] > 0.01
+        assert jumps[True] < 1e-5
+
+        def eep_at(a):
+            t = isochrone_table(g.iso, a, 0.0, cubic=True)
+            return table_eep_from_mass(t, 1.1, eps=3e-3, cubic=True)[0]
+
+        fd = (eep_at(9.62 + 1e-6) - eep_at(9.62 - 1e-6)) / 2e-6
+        assert float(jax.grad(eep_at)(9.62)) == pytest.approx(float(fd), rel=1e-5)

@@ -62,3 +62,38 @@ def test_corrupt_results_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="corrupt|not a clusterhbm"):
         load_results(bad)
+
+
+def test_multistart_escapes_a_local_mode():
+    """Coverage mock 2009: Adam from the isochrone scan's guess stops at log age ~9.49, ~100
+    below the best log density; the best of the age-neighbour starts is at the truth."""
+    import jax
+
+    from clusterhbm.fit import (
+        best_of_starts,
+        initial_guess,
+        make_logdensity_fn,
+        prepare_data,
+        start_candidates,
+    )
+    from clusterhbm.grid import band_indices, load_grid
+    from clusterhbm.model import ModelConfig, Priors
+
+    grid = load_grid()
+    cat = simulate_cluster(ClusterParams(log_age=9.6, feh=0.0, distance_pc=850.0, av_mag=0.1),
+                           n_stars=100, seed=2009, grid=grid).catalogue
+    fd = prepare_data(cat)
+    bi = band_indices(fd.bands)
+    config = ModelConfig(band_idx=bi, fit_widths=(False,) * 4)
+    ld = make_logdensity_fn(fd.data, grid, config, Priors())
+    guess, eep0 = initial_guess(fd.data, grid, bi)
+    cands = start_candidates(fd.data, grid, bi, guess, eep0, n_starts=5)
+    ages = [c[0]["log_age"] for c in cands]
+    assert len(cands) == 5 and len(set(np.round(ages, 3))) == 5
+    assert start_candidates(fd.data, grid, bi, guess, eep0, init={"log_age": 9.6}) \
+        [0][0] is not None  # a user-fixed age: one start
+    assert len(start_candidates(fd.data, grid, bi, guess, eep0, init={"log_age": 9.6})) == 1
+    pos, k, loss = best_of_starts(ld, cands, config, grid, jax.random.key(0), num_steps=300)
+    assert loss[k] == np.min(loss)
+    assert abs(float(pos["pop"]["log_age"]) - 9.6) < 0.03
+    assert loss[0] - loss[k] > 20.0  # the scan's own start was a worse mode
