@@ -52,6 +52,10 @@ def main(argv=None):
                    help="NUTS tree depth cap (vmapped chains wait for the longest tree)")
     p.add_argument("--metric", choices=("dense", "diag"), default="diag",
                    help="adapted mass matrix (a dense one needs a longer warm-up)")
+    p.add_argument("--cubic", action="store_true",
+                   help="C1 cubic interpolation (the linear scheme's kinks at grid nodes cap "
+                        "the step size: docs/performance.md)")
+    p.add_argument("--n-starts", type=int, default=5, help="optimiser starts per mock")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -64,8 +68,8 @@ def main(argv=None):
     fits = fit_many(cats, num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
                     seed=0, grid=grid, chunk_size=a.chunk, progress=True,
                     max_num_doublings=a.max_doublings,
-                    dense_mass_matrix=a.metric == "dense",
-                    truths=[truth] * a.n_mocks)
+                    dense_mass_matrix=a.metric == "dense", cubic=a.cubic,
+                    n_starts=a.n_starts, truths=[truth] * a.n_mocks)
     wall = time.perf_counter() - t0
     rows = []
     for k, f in enumerate(fits):
