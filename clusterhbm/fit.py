@@ -178,10 +178,11 @@ def _distance_guess(data: StarData):
     return float(1000.0 / np.median(plx[ok]))
 
 
-def _isochrone_scores(grid, band_idx, data, params, eeps):
-    """Sum over stars of the clipped chi^2 to the nearest isochrone point, per param set.
+def _isochrone_scores(grid, band_idx, data, params, eeps, weight):
+    """Weighted sum over stars of the clipped chi^2 to the nearest isochrone point, per
+    param set.
 
-    params : (P, 4) array of (log_age, feh, distance_pc, av_mag)
+    params : (P, 4) array of (log_age, feh, distance_pc, av_mag); weight : (N,)
     Returns (scores (P,), nearest EEP per star (P, N)).
     """
     g = data.mag[:, 0]
@@ -201,9 +202,14 @@ def _isochrone_scores(grid, band_idx, data, params, eeps):
             has_c[:, None], ((c[:, None] - ic[None]) / sc[:, None]) ** 2, 0.0) + big[None]
         j = jnp.argmin(chi, axis=1)
         best = jnp.min(chi, axis=1)
-        return jnp.sum(jnp.minimum(best, 25.0)), eeps[j]
+        return jnp.sum(weight * jnp.minimum(best, 25.0)), eeps[j]
 
     return jax.lax.map(one, params, batch_size=8)
+
+
+# one compiled scan per (band set, shapes), shared by every call of initial_guess (a jit of
+# a fresh lambda per call recompiled it each time: ~5 s per call, 5 calls per multi-start fit)
+_isochrone_scores_jit = jax.jit(_isochrone_scores, static_argnums=(1,))
 
 
 def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | None = None,
@@ -217,12 +223,16 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     # sequence carry the age): faint M dwarfs, where model colours are least reliable,
     # would otherwise prefer a pre-main sequence (a young age) in real clusters.
     g = np.asarray(data.mag[:, 0])
+    # (a weight, not a subset: the compiled scan then has one shape per catalogue size)
     bright = g <= np.nanmin(g) + 8.0
-    scan_data = data
+    weight = np.ones(g.shape, np.float32)
     if bright.sum() >= 20 and not bright.all():
-        idx = np.flatnonzero(bright)
-        scan_data = jax.tree.map(lambda x: x[idx] if x is not None else None, data)
-    scan = jax.jit(lambda p: _isochrone_scores(grid, band_idx, scan_data, p, eeps))
+        weight = bright.astype(np.float32)
+    weight = jnp.asarray(weight)
+
+    def scan(p):
+        return _isochrone_scores_jit(grid, tuple(band_idx), data, p, eeps, weight)
+
     fehs = [init["feh"]] if "feh" in init else [0.0]
     ages = [init["log_age"]] if "log_age" in init else list(np.arange(6.6, 10.21, 0.1))
     # A_V starts >= 0.05: at 0 the sampler would start on the boundary of its prior
@@ -248,11 +258,7 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     out.update({k2: v2 for k2, v2 in init.items() if k2 in out})
     (log.info if verbose else log.debug)(
         "initial guess: log_age %.2f, [Fe/H] %.2f, distance %.0f pc, A_V %.2f", a, f, d, v)
-    if scan_data is data:
-        return out, np.asarray(eep2[k])
-    # every star's nearest EEP on the chosen isochrone
-    _, eep_all = _isochrone_scores(grid, band_idx, data, jnp.asarray(grid2[k:k + 1]), eeps)
-    return out, np.asarray(eep_all[0])
+    return out, np.asarray(eep2[k])  # every star's nearest EEP on the chosen isochrone
 
 
 #: log-age offsets (dex) from the isochrone-scan guess at which the optimiser also starts
