@@ -57,6 +57,9 @@ def main(argv=None):
                    help="faint G limit (default 18: below ~0.6 Msun MIST's Gaia colours "
                         "drift from the observed M-dwarf sequence)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cubic", action="store_true",
+                   help="C1 cubic interpolation (see docs/performance.md: the linear scheme's "
+                        "kinks at grid nodes cap the NUTS step size)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--chunk-size", type=int, default=50)
     p.add_argument("-o", "--output", default="/tmp/m67_fit.h5")
@@ -68,7 +71,7 @@ def main(argv=None):
     res = fit_cluster(cat, num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
                       seed=a.seed, fit_widths=a.widths, binaries=True, field=True,
                       selection=True, g_lim=a.g_lim, fit_mf_slope=not a.no_mf_slope,
-                      progress=True,
+                      cubic=a.cubic, progress=True,
                       checkpoint=a.checkpoint, chunk_size=a.chunk_size)
     wall = time.perf_counter() - t0
     print(res.summary_text())
