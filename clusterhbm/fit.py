@@ -484,7 +484,7 @@ def derived_quantities(position, grid: ModelGrid, config: ModelConfig, priors: P
     def per_star(star, data_i):
         eep, log_age, feh, dist, av, _ = star_values(star, popv, config, grid)
         obs = star_observables(grid, config, eep, log_age, feh, dist, av,
-                               popv.get("iso_table"))
+                               popv.get("iso_table"), popv.get("bc_slice"))
         p = obs.props
         out = {"eep": eep, "log_age": log_age, "feh": feh, "distance_pc": dist,
                "av_mag": av, "mass_msun": p.initial_mass, "teff_k": 10.0 ** p.log_teff,

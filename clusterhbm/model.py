@@ -66,7 +66,7 @@ from .isochrone import (
     table_eep_range,
     table_interp,
 )
-from .photometry import Observables, photometry
+from .photometry import Observables, bc_slice, photometry
 
 __all__ = [
     "POP_PARAMS",
@@ -81,6 +81,7 @@ __all__ = [
     "member_probabilities",
     "population_state",
     "population_values",
+    "shared_bc",
     "shared_isochrone",
     "star_observables",
     "star_terms",
@@ -336,17 +337,27 @@ def shared_isochrone(config: ModelConfig) -> bool:
     return config.pooled and not any(config.fit_widths[:2])
 
 
+def shared_bc(config: ModelConfig) -> bool:
+    """Whether every star shares [Fe/H] and A_V (their widths zero): then the BC table is
+    sliced at them once per evaluation (:class:`~clusterhbm.photometry.BCSlice`) and each
+    star needs a 2-D look-up in (Teff, log g). The density is the same either way (to
+    float rounding), in both schemes."""
+    return config.pooled and not config.fit_widths[1] and not config.fit_widths[3]
+
+
 def star_observables(grid: ModelGrid, config: ModelConfig, eep, log_age, feh, dist,
-                     av, table=None) -> Observables:
+                     av, table=None, bcs=None) -> Observables:
     """The forward model of one star at its (EEP, age, [Fe/H], distance, A_V).
 
-    ``table``: the shared isochrone (see :func:`shared_isochrone`), if any.
+    ``table``: the shared isochrone (see :func:`shared_isochrone`), if any; ``bcs``: the
+    shared BC slice (see :func:`shared_bc`), if any.
     """
     if table is not None:
         props = table_interp(table, eep, cubic=config.cubic)
     else:
         props = interp_eep(grid.iso, eep, log_age, feh, cubic=config.cubic)
-    return photometry(grid.bc, props, feh, dist, av, config.band_idx, cubic=config.cubic)
+    return photometry(grid.bc, props, feh, dist, av, config.band_idx, cubic=config.cubic,
+                      bcs=bcs)
 
 
 def _imf_kwargs(config, priors, popv):
@@ -436,8 +447,8 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
                priors: Priors) -> StarTerms:
     """The log-density pieces of one star (pure; vmap over stars)."""
     eep, log_age, feh, dist, av, ok = star_values(star, popv, config, grid)
-    table = popv.get("iso_table")
-    obs = star_observables(grid, config, eep, log_age, feh, dist, av, table)
+    table, bcs = popv.get("iso_table"), popv.get("bc_slice")
+    obs = star_observables(grid, config, eep, log_age, feh, dist, av, table, bcs)
     lp_mass, m1 = _log_mass_prior(grid, config, priors, popv, eep, log_age, feh)
     lz = sum(-0.5 * star[k] ** 2 for k in ("z_age", "z_feh", "z_dist", "z_av") if k in star)
     mag, mag_err, plx, plx_err = data_i[:4]
@@ -455,7 +466,7 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
             eep2, ok2 = table_eep_from_mass(table, q * m1, cubic=config.cubic)
         else:
             eep2, ok2 = eep_from_mass(grid.iso, q * m1, log_age, feh, cubic=config.cubic)
-        obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av, table)
+        obs2 = star_observables(grid, config, eep2, log_age, feh, dist, av, table, bcs)
         lit2 = ok2 & obs2.valid
         obs_b = obs._replace(mags=_add_mags(obs.mags, obs2.mags, lit2))
         ll_b = log_likelihood_star(obs_b, mag, mag_err, plx, plx_err, zp, priors.mag_floor)
@@ -519,18 +530,24 @@ def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Prior
     term averages S over ``n_q`` mid-point mass ratios, the secondary's G interpolated in
     mass along the same nodes. Widths are neglected here (the normaliser is evaluated at
     the population means), a good approximation when the widths are small against the
-    distance from the limit.
+    distance from the limit. The isochrone and the bolometric corrections use the model's
+    scheme (``config.cubic``), so in the cubic scheme P is C1 in (log age, [Fe/H], A_V)
+    like the rest of the density; the shared isochrone table and BC slice are reused when
+    the population state has them.
     """
-    from .photometry import bolometric_correction  # noqa: F401  (documentation link)
-
-    iso = grid.iso
-    la, fe = popv["log_age"], popv["feh"]
-    eeps = iso.eep
-    lo, hi = eep_range(iso, la, fe)
-    props = jax.vmap(lambda e: interp_eep(iso, e, la, fe, cubic=False))(eeps)
-    obs = jax.vmap(lambda pr: photometry(grid.bc, pr, fe, popv["distance_pc"],
-                                         popv["av_mag"], config.band_idx[:1],
-                                         cubic=False))(props)
+    la, fe, av = popv["log_age"], popv["feh"], popv["av_mag"]
+    table = popv.get("iso_table")
+    if table is None:
+        table = isochrone_table(grid.iso, la, fe, cubic=config.cubic)
+    bcs = popv.get("bc_slice")
+    if bcs is None:
+        bcs = bc_slice(grid.bc, fe, av, config.band_idx, cubic=config.cubic)
+    eeps = grid.iso.eep
+    lo, hi = table_eep_range(table)
+    props = jax.vmap(lambda e: table_interp(table, e, cubic=config.cubic))(eeps)
+    obs = jax.vmap(lambda pr: photometry(grid.bc, pr, fe, popv["distance_pc"], av,
+                                         config.band_idx, cubic=config.cubic,
+                                         bcs=bcs))(props)
     g = obs.mags[:, 0]
     inside = (eeps >= lo) & (eeps <= hi) & obs.valid
     m = jnp.where(inside, props.initial_mass, 0.0)
@@ -566,6 +583,9 @@ def population_state(pop: dict, config: ModelConfig, priors: Priors, grid: Model
     if shared_isochrone(config):
         popv["iso_table"] = isochrone_table(grid.iso, popv["log_age"], popv["feh"],
                                             cubic=config.cubic)
+    if shared_bc(config):
+        popv["bc_slice"] = bc_slice(grid.bc, popv["feh"], popv["av_mag"], config.band_idx,
+                                    cubic=config.cubic)
     if config.selection:
         if not config.pooled:
             raise ValueError("the selection function needs the pooled model")

@@ -23,8 +23,11 @@ from .isochrone import StarProperties, interp_eep, interp_mass
 
 __all__ = [
     "MBOL_SUN",
+    "BCSlice",
     "Observables",
+    "bc_slice",
     "bolometric_correction",
+    "bolometric_correction_slice",
     "observables_from_eep",
     "observables_from_mass",
     "photometry",
@@ -95,12 +98,58 @@ def bolometric_correction(bc: BCGrid, teff_k, logg, feh, av_mag, band_idx, *,
     return out, in_f & in_t & in_g & in_a
 
 
+class BCSlice(NamedTuple):
+    """The bolometric-correction table at one ([Fe/H], A_V), for the requested bands.
+
+    When every star shares [Fe/H] and A_V (their widths fixed at zero), the interpolation
+    in those two axes is the same for every star: :func:`bc_slice` does it once per
+    density evaluation, and :func:`bolometric_correction_slice` is a 2-D look-up in
+    (Teff, log g) per star (4^2 instead of 4^4 nodes in the cubic scheme). The tensor-product
+    scheme is linear in the tabulated values, so the result equals
+    :func:`bolometric_correction`'s to float rounding.
+
+    teff, logg : the table's axes
+    data : (n_teff, n_logg, n_band) BC at ([Fe/H], A_V)
+    inside : bool, ([Fe/H], A_V) inside the table
+    """
+
+    teff: jax.Array
+    logg: jax.Array
+    data: jax.Array
+    inside: jax.Array
+
+
+def bc_slice(bc: BCGrid, feh, av_mag, band_idx, *, cubic: bool = False) -> BCSlice:
+    """The (Teff, log g) slice of the BC table at ``feh`` [dex], ``av_mag`` [mag]."""
+    i_f, w_f, in_f = _bc_axis(feh, bc.feh, cubic, regular=True)
+    i_a, w_a, in_a = _bc_axis(av_mag, bc.av, cubic)
+    b = jnp.asarray(band_idx)
+    vals = bc.data[i_f[:, None], :, :, i_a[None, :]]  # (k, k, n_teff, n_logg, n_all_band)
+    data = jnp.einsum("a,d,adtgn->tgn", w_f, w_a, vals[..., b])
+    return BCSlice(bc.teff, bc.logg, data, in_f & in_a)
+
+
+def bolometric_correction_slice(s: BCSlice, teff_k, logg, *, cubic: bool = False):
+    """:func:`bolometric_correction` on a :class:`BCSlice` (same returns)."""
+    i_t, w_t, in_t = _bc_axis(teff_k, s.teff, cubic)
+    i_g, w_g, in_g = _bc_axis(logg, s.logg, cubic)
+    vals = s.data[i_t[:, None], i_g[None, :]]  # (k, k, n_band)
+    return jnp.einsum("b,c,bcn->n", w_t, w_g, vals), s.inside & in_t & in_g
+
+
 def photometry(bc: BCGrid, props: StarProperties, feh, distance_pc, av_mag, band_idx, *,
-               cubic: bool = False) -> Observables:
-    """Apparent magnitudes and parallax of a star with known properties."""
+               cubic: bool = False, bcs: BCSlice | None = None) -> Observables:
+    """Apparent magnitudes and parallax of a star with known properties.
+
+    ``bcs``: the BC table already sliced at this ``feh`` and ``av_mag`` (:func:`bc_slice`,
+    for ``band_idx``), if the caller has one; the result is the same.
+    """
     teff = 10.0 ** jnp.clip(props.log_teff, 3.0, 7.0)  # finite even for invalid points
-    bcv, inside = bolometric_correction(bc, teff, props.logg, feh, av_mag, band_idx,
-                                        cubic=cubic)
+    if bcs is None:
+        bcv, inside = bolometric_correction(bc, teff, props.logg, feh, av_mag, band_idx,
+                                            cubic=cubic)
+    else:
+        bcv, inside = bolometric_correction_slice(bcs, teff, props.logg, cubic=cubic)
     mbol = MBOL_SUN - 2.5 * props.logl
     pos = distance_pc > 0
     safe_d = jnp.where(pos, distance_pc, 1.0)

@@ -7,11 +7,22 @@ Rows: ``inverse`` (pseudo-mass -> EEP), ``interp`` (EEP -> log Teff), ``bc`` (bo
 corrections in 3 bands), per star-path (``interp_eep``/``eep_from_mass``, used when every
 star has its own isochrone) and on the shared table (``isochrone_table`` + 1-D look-ups,
 used when the age and [Fe/H] widths are fixed). Milliseconds per call.
+
+Then the whole model (``--whole``): log density + gradient of an M67-like mock at N = 100
+and 1000, widths fixed or fitted, with and without the shared BC slice (``bc_slice``, used
+when the [Fe/H] and A_V widths are fixed), linear and cubic. Writes
+``benchmarks/results/profile_interp.json``.
+
+    python scripts/profile_interp.py [--whole] [--parts]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +84,60 @@ def row(g, cubic, n, log_age, feh):
           flush=True)
 
 
-def main(n=1000, log_age=9.62, feh=0.0):
+def whole_model_ms(g, cat, cubic, fit_widths, use_slice, reps=20):
+    """Milliseconds per log density + gradient of the textbook model (one chain)."""
+    import clusterhbm.model as model_mod
+    from clusterhbm.fit import initial_guess, initial_positions, prepare_data
+    from clusterhbm.grid import band_indices
+
+    fd = prepare_data(cat)
+    bi = band_indices(fd.bands)
+    config = model_mod.ModelConfig(band_idx=bi, fit_widths=(fit_widths,) * 4, cubic=cubic)
+    guess, e = initial_guess(fd.data, g, bi, verbose=False)
+    p = jax.tree.map(lambda x: x[0], initial_positions(jax.random.key(0), guess, e, config,
+                                                       1, grid=g, jitter=0.0))
+    orig = model_mod.shared_bc
+    if not use_slice:
+        model_mod.shared_bc = lambda config: False
+    try:
+        ld = model_mod.make_logdensity_fn(fd.data, g, config, model_mod.Priors())
+        return timed(jax.value_and_grad(ld), p, reps=reps)
+    finally:
+        model_mod.shared_bc = orig
+
+
+def main(argv=None, n=1000, log_age=9.62, feh=0.0):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", action="store_true", help="only the per-part rows")
+    ap.add_argument("--whole", action="store_true", help="only the whole-model rows")
+    a = ap.parse_args(argv)
     g = load_grid()
-    for cubic in (False, True):
-        row(g, cubic, n, log_age, feh)
+    if not a.whole:
+        for cubic in (False, True):
+            row(g, cubic, n, log_age, feh)
+    if a.parts:
+        return
+    from clusterhbm.simulate import ClusterParams, simulate_cluster
+
+    rows = []
+    for n_stars in (100, 1000):
+        cat = simulate_cluster(ClusterParams(log_age=9.6, feh=0.0, distance_pc=850.0,
+                                             av_mag=0.1), n_stars=n_stars, seed=2009,
+                               grid=g).catalogue
+        for cubic in (False, True):
+            for widths in (False, True):
+                for sl in ((True, False) if not widths else (False,)):
+                    ms = whole_model_ms(g, cat, cubic, widths, sl)
+                    rows.append({"n_stars": n_stars, "cubic": cubic, "fit_widths": widths,
+                                 "bc_slice": sl, "grad_ms": ms})
+                    print(f"whole model N={n_stars:5d} {'cubic ' if cubic else 'linear'} "
+                          f"widths {'fitted' if widths else 'fixed '} "
+                          f"{'BC slice' if sl else 'per-star BC'}: {ms:.2f} ms", flush=True)
+    out = Path(__file__).resolve().parents[1] / "benchmarks/results/profile_interp.json"
+    out.write_text(json.dumps({"script": "scripts/profile_interp.py", "rows": rows,
+                               "loadavg": os.getloadavg(), "device": jax.default_backend()},
+                              indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

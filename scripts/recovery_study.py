@@ -7,6 +7,13 @@ population parameter, R-hat, ESS, divergences and wall time, and writes JSON rec
 
     python scripts/recovery_study.py [--n-stars 500] [--chains 4] [--warmup 1000]
         [--samples 1000] [--cases a,b,c,d] [--widths both|zero|nonzero] [--seeds 1]
+        [--cubic] [--metric dense|diag] [--max-doublings 10] [--batch]
+
+``--batch`` fits all mocks of one width setting in one compiled program
+(:func:`clusterhbm.parallel.fit_many`, vmapped over clusters: each NUTS step waits for the
+longest tree of the batch, but compiles once and keeps both cores busy); otherwise each
+mock is fitted by :func:`clusterhbm.fit.fit_cluster` in turn. The JSON is rewritten after
+every fit, so an interrupted study keeps what it finished.
 
 Slow: hours on a 2-core CPU at the defaults. ``--seeds 20`` gives a coverage check
 (fraction of truths inside the 68% and 95% intervals).
@@ -16,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from clusterhbm.fit import fit_cluster
+from clusterhbm.parallel import fit_many
 from clusterhbm.results import versions
 from clusterhbm.simulate import ClusterParams, simulate_cluster
 
@@ -35,6 +44,39 @@ WIDTHS = {"sigma_log_age": 0.02, "sigma_feh": 0.03, "sigma_distance_pc": 5.0,
           "sigma_av_mag": 0.03}
 
 
+def truth_of(case, wide):
+    truth = dict(CASES[case])
+    if wide:
+        truth.update(WIDTHS)
+        truth["sigma_distance_pc"] = 0.01 * truth["distance_pc"]
+    return truth
+
+
+def row_of(res, case, wide, seed, n_stars, truth, wall, chains, samples):
+    s = res.summary()
+    steps = np.asarray(res.sampler["num_integration_steps"])
+    row = {"case": case, "widths": wide, "seed": seed, "n_stars": n_stars,
+           "wall_s": wall, "divergent_frac": res.num_divergent / (chains * samples),
+           "steps_per_draw": float(steps.mean()), "params": {}}
+    for k, v in truth.items():
+        if k not in s:
+            continue
+        draws = np.asarray(res.population[k]).ravel()
+        q = np.percentile(draws, [2.5, 16, 84, 97.5])
+        row["params"][k] = {
+            "truth": v, "mean": s[k]["mean"], "sd": s[k]["sd"],
+            "z": (s[k]["mean"] - v) / s[k]["sd"], "rhat": s[k]["rhat"],
+            "ess_bulk": s[k]["ess_bulk"], "ess_tail": s[k]["ess_tail"],
+            "in68": bool(q[1] <= v <= q[2]), "in95": bool(q[0] <= v <= q[3])}
+    zs = " ".join(f"{k}:{v['z']:+.1f}" for k, v in row["params"].items())
+    print(f"case {case} widths={wide} seed={seed}: {zs} | max R-hat "
+          f"{max(v['rhat'] for v in row['params'].values()):.3f} | min ESS "
+          f"{min(v['ess_bulk'] for v in row['params'].values()):.0f} | "
+          f"div {row['divergent_frac']:.2%} | {row['steps_per_draw']:.0f} steps/draw | "
+          f"{wall:.0f} s", flush=True)
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-stars", type=int, default=500)
@@ -44,48 +86,55 @@ def main(argv=None):
     p.add_argument("--cases", default="a,b,c,d")
     p.add_argument("--widths", default="both", choices=("both", "zero", "nonzero"))
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--cubic", action="store_true", help="C1 cubic interpolation")
+    p.add_argument("--metric", choices=("dense", "diag"), default=None,
+                   help="adapted mass matrix (default: the fitter's choice)")
+    p.add_argument("--max-doublings", type=int, default=10)
+    p.add_argument("--n-starts", type=int, default=5)
+    p.add_argument("--batch", action="store_true",
+                   help="fit all mocks of a width setting together with fit_many")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
     a = p.parse_args(argv)
     rows = []
-    wopts = {"both": (False, True), "zero": (False,), "nonzero": (True,)}[a.widths]
-    for case in a.cases.split(","):
-        for wide in wopts:
-            for seed in range(a.seeds):
-                truth = dict(CASES[case])
-                if wide:
-                    truth.update(WIDTHS)
-                    truth["sigma_distance_pc"] = 0.01 * truth["distance_pc"]
-                sim = simulate_cluster(ClusterParams(**truth), n_stars=a.n_stars,
-                                       seed=1000 + seed)
-                t0 = time.perf_counter()
-                res = fit_cluster(sim.catalogue, num_chains=a.chains, num_warmup=a.warmup,
-                                  num_samples=a.samples, seed=seed, fit_widths=wide,
-                                  truth=truth)
-                s = res.summary()
-                row = {"case": case, "widths": wide, "seed": seed, "n_stars": a.n_stars,
-                       "wall_s": time.perf_counter() - t0,
-                       "divergent_frac": res.num_divergent / (a.chains * a.samples),
-                       "params": {}}
-                for k, v in truth.items():
-                    if k not in s:
-                        continue
-                    draws = np.asarray(res.population[k]).ravel()
-                    q = np.percentile(draws, [2.5, 16, 84, 97.5])
-                    row["params"][k] = {
-                        "truth": v, "mean": s[k]["mean"], "sd": s[k]["sd"],
-                        "z": (s[k]["mean"] - v) / s[k]["sd"], "rhat": s[k]["rhat"],
-                        "ess_bulk": s[k]["ess_bulk"], "in68": bool(q[1] <= v <= q[2]),
-                        "in95": bool(q[0] <= v <= q[3])}
-                rows.append(row)
-                zs = " ".join(f"{k}:{v['z']:+.1f}" for k, v in row["params"].items())
-                print(f"case {case} widths={wide} seed={seed}: {zs} | max R-hat "
-                      f"{max(v['rhat'] for v in row['params'].values()):.3f} | min ESS "
-                      f"{min(v['ess_bulk'] for v in row['params'].values()):.0f} | "
-                      f"div {row['divergent_frac']:.2%} | {row['wall_s']:.0f} s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "versions": versions(), "args": vars(a)},
-                              indent=1))
+
+    def save():
+        out.write_text(json.dumps({"script": "scripts/recovery_study.py", "rows": rows,
+                                   "versions": versions(), "args": vars(a),
+                                   "loadavg": os.getloadavg()}, indent=1))
+
+    dense = None if a.metric is None else a.metric == "dense"
+    wopts = {"both": (False, True), "zero": (False,), "nonzero": (True,)}[a.widths]
+    for wide in wopts:
+        jobs = [(case, seed) for case in a.cases.split(",") for seed in range(a.seeds)]
+        truths = [truth_of(case, wide) for case, _ in jobs]
+        cats = [simulate_cluster(ClusterParams(**t), n_stars=a.n_stars,
+                                 seed=1000 + seed).catalogue
+                for t, (_, seed) in zip(truths, jobs)]
+        if a.batch:
+            t0 = time.perf_counter()
+            fits = fit_many(cats, num_chains=a.chains, num_warmup=a.warmup,
+                            num_samples=a.samples, seed=0, fit_widths=wide, cubic=a.cubic,
+                            n_starts=a.n_starts, dense_mass_matrix=dense,
+                            max_num_doublings=a.max_doublings, truths=truths,
+                            progress=True)
+            wall = time.perf_counter() - t0
+            for (case, seed), t, res in zip(jobs, truths, fits):
+                rows.append(row_of(res, case, wide, seed, a.n_stars, t, wall, a.chains,
+                                   a.samples))
+            save()
+            continue
+        for (case, seed), t, cat in zip(jobs, truths, cats):
+            t0 = time.perf_counter()
+            res = fit_cluster(cat, num_chains=a.chains, num_warmup=a.warmup,
+                              num_samples=a.samples, seed=seed, fit_widths=wide,
+                              cubic=a.cubic, n_starts=a.n_starts,
+                              dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
+                              truth=t)
+            rows.append(row_of(res, case, wide, seed, a.n_stars, t,
+                               time.perf_counter() - t0, a.chains, a.samples))
+            save()
     if a.seeds > 1:
         for k in ("log_age", "feh", "distance_pc", "av_mag"):
             c68 = np.mean([r["params"][k]["in68"] for r in rows if k in r["params"]])

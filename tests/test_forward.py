@@ -382,3 +382,44 @@ def test_cubic_table_is_c1_across_an_age_node_and_linear_is_not():
 
         fd = (eep_at(9.62 + 1e-6) - eep_at(9.62 - 1e-6)) / 2e-6
         assert float(jax.grad(eep_at)(9.62)) == pytest.approx(float(fd), rel=1e-5)
+
+
+@pytest.mark.parametrize("cubic", [False, True])
+def test_bc_slice_equals_direct_interpolation(cubic):
+    """The shared-[Fe/H]/A_V fast path: BC from the (Teff, log g) slice equals the 4-D
+    interpolation (values, inside flags and gradients in all four inputs) between nodes
+    and off the table."""
+    from clusterhbm.photometry import bc_slice, bolometric_correction_slice
+
+    with x64():
+        g = load_grid()
+        bc = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), g.bc)
+        rng = np.random.default_rng(3)
+        n = 60
+        teff = rng.uniform(3000.0, 9000.0, n)
+        logg = rng.uniform(1.0, 5.2, n)
+        teff[:2] = [2000.0, 5777.0]  # off the table's Teff axis; a node-free point
+        for feh, av in [(0.0, 0.1), (-0.73, 0.37), (0.31, 1.9), (-5.0, 0.2)]:
+            def direct(f, a, t, lg):
+                return bolometric_correction(bc, t, lg, f, a, GAIA, cubic=cubic)
+
+            def sliced(f, a, t, lg):
+                return bolometric_correction_slice(bc_slice(bc, f, a, GAIA, cubic=cubic),
+                                                   t, lg, cubic=cubic)
+
+            for fn_a, fn_b in [(direct, sliced)]:
+                va, ia = jax.vmap(fn_a, in_axes=(None, None, 0, 0))(feh, av, teff, logg)
+                vb, ib = jax.vmap(fn_b, in_axes=(None, None, 0, 0))(feh, av, teff, logg)
+                np.testing.assert_allclose(np.asarray(vb), np.asarray(va), atol=1e-11)
+                np.testing.assert_array_equal(np.asarray(ib), np.asarray(ia))
+            assert bool(ia[2]) == (feh > -4.5)
+            assert not bool(ia[0])
+
+            def total(fn):
+                return lambda f, a, t, lg: jnp.sum(jax.vmap(
+                    lambda tt, gg: fn(f, a, tt, gg)[0] * jnp.arange(1.0, 4.0))(t, lg))
+
+            ga = jax.grad(total(direct), argnums=(0, 1, 2, 3))(feh, av, teff, logg)
+            gb = jax.grad(total(sliced), argnums=(0, 1, 2, 3))(feh, av, teff, logg)
+            for x, y in zip(ga, gb):
+                np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-9)
