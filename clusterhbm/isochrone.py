@@ -8,7 +8,8 @@ One star per call; ``vmap`` for many. Two input coordinates:
   float32 resolution of the tables; it is the sampler's per-star coordinate.
 * :func:`eep_from_mass` inverts initial mass -> EEP on the interpolated isochrone at the
   star's (log age, [Fe/H]) (a bisection over EEP nodes, then a linear step; in the cubic
-  scheme a bisection on the cubic interpolant and one Newton step follow), so :func:`interp_mass` holds
+  scheme the cell is re-found on the cubic node values, then a bisection on the cubic
+  interpolant in the cell and one Newton step follow), so :func:`interp_mass` holds
   initial mass fixed across the bracketing isochrones, as minimint does, and its valid
   region ends smoothly at the interpolated end of the isochrone rather than at the
   bracketing node's.
@@ -34,7 +35,7 @@ from .grid import (
     COL_STAR_MASS,
     IsochroneGrid,
 )
-from .interp import hermite_weights, linear_weights, locate_regular, steffen_unit, stencil
+from .interp import linear_weights, locate_regular, steffen_unit, stencil
 
 __all__ = ["IsochroneTable", "StarProperties", "eep_from_mass", "eep_range", "interp_eep",
            "interp_mass", "isochrone_table", "table_eep_from_mass", "table_eep_range",
@@ -76,9 +77,31 @@ def _axis(x, nodes, cubic):
     return idx, (t, nodes[0] + dx * (i - 1 + jnp.arange(4))), inside, outer, t
 
 
-def _hermite(wspec, left_ok, right_ok):
-    t, xs = wspec
-    return hermite_weights(t, xs, left_ok, right_ok)
+def _cubic_at_nodes(grid: IsochroneGrid, nodes, log_age, feh, cols):
+    """Steffen's cubic across log age, then [Fe/H], at the EEP node indices ``nodes``
+    (shape (m,)); ``log_age`` and ``feh`` already clamped to the axes. Returns (m, ncol).
+
+    An outer isochrone of the 4 x 4 stencil enters a node's tangent only where its row is
+    real (else the tangent is the inner secant). This is the first half of the cubic
+    scheme, shared by :func:`isochrone_table` (all nodes), :func:`interp_eep` (the 4 nodes
+    of the EEP stencil) and :func:`eep_from_mass` (a window of nodes), so the three agree
+    to float rounding."""
+    ifeh, wfeh, _, out_feh, _ = _axis(feh, grid.feh, True)
+    iage, wage, _, out_age, _ = _axis(log_age, grid.log_age, True)
+    cols = jnp.asarray(cols)
+    block = grid.data[ifeh[:, None, None, None], iage[None, :, None, None],
+                      nodes[None, None, :, None], cols[None, None, None, :]]  # (4,4,m,nc)
+    first = grid.first[ifeh[:, None], iage[None, :]]  # (4, 4)
+    last = grid.last[ifeh[:, None], iage[None, :]]
+    real = (nodes >= first[..., None]) & (nodes <= last[..., None])  # (4, 4, m)
+    ok_a = real & jnp.concatenate([out_age[:1], jnp.ones(2, bool), out_age[1:]]
+                                  )[None, :, None]
+    v = steffen_unit(jnp.moveaxis(block, 1, -1), wage[0], ok_a[:, 0, :, None],
+                     ok_a[:, 3, :, None])  # (4, m, nc)
+    ok_f = (real[:, 1] & real[:, 2]) & jnp.concatenate(
+        [out_feh[:1], jnp.ones(2, bool), out_feh[1:]])[:, None]  # (4, m)
+    return steffen_unit(jnp.moveaxis(v, 0, -1), wfeh[0], ok_f[0, :, None],
+                        ok_f[3, :, None])  # (m, nc)
 
 
 def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
@@ -91,9 +114,11 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
     eep, log_age, feh : float scalars
         EEP (fractional), log10(age/yr), [Fe/H] in dex.
     cubic : bool, static
-        False: trilinear. True: C1 cubic: Steffen's monotone cubic along EEP, then cubic
-        Hermite (Catmull-Rom) across log age and [Fe/H], with one-sided tangents where a
-        neighbour row is not real.
+        False: trilinear. True: C1 cubic: Steffen's monotone cubic across log age, then
+        [Fe/H], at the 4 EEP nodes of the stencil (one-sided tangents where a neighbour
+        row is not real), then along EEP (Catmull-Rom would overshoot at the turnoff hook
+        and make initial mass non-monotone in EEP). The same order as
+        :func:`isochrone_table`, so the per-star and shared-table paths agree everywhere.
 
     Returns
     -------
@@ -107,31 +132,25 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
     feh = jnp.clip(feh, grid.feh[0], grid.feh[-1])
     log_age = jnp.clip(log_age, grid.log_age[0], grid.log_age[-1])
     eep = jnp.clip(eep, grid.eep[0], grid.eep[-1])
-    ifeh, wfeh, _, out_feh, _ = _axis(feh, grid.feh, cubic)
-    iage, wage, _, out_age, _ = _axis(log_age, grid.log_age, cubic)
-    ieep, weep, _, out_eep, _ = _axis(eep, grid.eep, cubic)
-    cols = jnp.asarray(columns)
-    vals = grid.data[ifeh[:, None, None, None], iage[None, :, None, None],
-                     ieep[None, None, :, None], cols[None, None, None, :]]  # (k,k,k,ncol)
-    first = grid.first[ifeh[:, None], iage[None, :]]  # (k, k)
-    last = grid.last[ifeh[:, None], iage[None, :]]
-    real = (ieep[None, None, :] >= first[..., None]) & (ieep[None, None, :] <= last[..., None])
     if cubic:
-        real = real & jnp.concatenate([out_eep[:1], jnp.ones(2, bool), out_eep[1:]])
-        # Along EEP: Steffen's monotone cubic (Catmull-Rom overshoots at the turnoff hook
-        # and would make initial mass non-monotone in EEP).
-        t_eep = weep[0]
-        v = steffen_unit(jnp.moveaxis(vals, 2, -1), t_eep, real[..., 0, None],
-                         real[..., 3, None])  # (k, k, ncol)
-        ok_iso = real[..., 1] & real[..., 2]
-        ok_iso_a = ok_iso & jnp.concatenate([out_age[:1], jnp.ones(2, bool), out_age[1:]])
-        v = steffen_unit(jnp.moveaxis(v, 1, -1), wage[0], ok_iso_a[:, 0, None],
-                         ok_iso_a[:, 3, None])  # (k, ncol)
-        ok_feh = ok_iso[:, 1] & ok_iso[:, 2]
-        ok_feh_f = ok_feh & jnp.concatenate([out_feh[:1], jnp.ones(2, bool), out_feh[1:]])
-        v = steffen_unit(v.T, wfeh[0], ok_feh_f[0], ok_feh_f[3])  # (ncol,)
-        valid = ok_feh[1] & ok_feh[2]
+        n = grid.eep.shape[0]
+        i, t, _ = locate_regular(eep, grid.eep[0], (grid.eep[-1] - grid.eep[0]) / (n - 1), n)
+        nodes = jnp.clip(i - 1 + jnp.arange(4), 0, n - 1)
+        _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
+        y = _cubic_at_nodes(grid, nodes, log_age, feh, columns)  # (4, ncol)
+        v = steffen_unit(y.T, t, i - 1 >= lo, i + 2 <= hi)  # (ncol,)
+        valid = (i >= lo) & (i + 1 <= hi)
     else:
+        ifeh, wfeh, _, _, _ = _axis(feh, grid.feh, False)
+        iage, wage, _, _, _ = _axis(log_age, grid.log_age, False)
+        ieep, weep, _, _, _ = _axis(eep, grid.eep, False)
+        cols = jnp.asarray(columns)
+        vals = grid.data[ifeh[:, None, None, None], iage[None, :, None, None],
+                         ieep[None, None, :, None], cols[None, None, None, :]]  # (2,2,2,nc)
+        first = grid.first[ifeh[:, None], iage[None, :]]  # (2, 2)
+        last = grid.last[ifeh[:, None], iage[None, :]]
+        real = ((ieep[None, None, :] >= first[..., None])
+                & (ieep[None, None, :] <= last[..., None]))
         w = wfeh[:, None, None] * wage[None, :, None] * weep[None, None, :]
         v = jnp.einsum("abe,abec->c", w, vals)
         valid = jnp.all(real)
@@ -213,33 +232,52 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
     eep = grid.eep[0] + j + jnp.clip(t, 0.0, 1.0)
     valid = inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (hi > lo)
     if cubic:
-        # Root of the cubic interpolant near the linear one: bisection in a 5-EEP window
-        # (the cubic can differ from the linear inverse by more than one cell near the
-        # turnoff hook), then one Newton step whose value change is ~0 but whose gradient
-        # is the implicit-function derivative d(eep)/d(mass, age, feh).
-        def mcub(e):
-            return interp_eep(grid, e, log_age, feh, cubic=True,
-                              columns=(COL_INITIAL_MASS,)).initial_mass + eps * e
-
-        e_lo = grid.eep[0] + lo
-        e_hi = grid.eep[0] + hi
-        a = jnp.maximum(grid.eep[0] + j - 2.0, e_lo)
-        b = jnp.minimum(grid.eep[0] + j + 3.0, e_hi)
-        a = jnp.where(mcub(a) <= mass_msun, a, e_lo)
-        b = jnp.where(mcub(b) >= mass_msun, b, e_hi)
-        a, b = jax.lax.stop_gradient((a, b))
+        # As table_eep_from_mass, on the cubic node values (Steffen across age and
+        # [Fe/H], computed only at the nodes visited): a bisection over nodes finds the
+        # cell, a bisection inside it with Steffen's cubic along EEP (monotone between
+        # monotone nodes; no gradient) finds the root, and one Newton step (value change
+        # ~0) carries the implicit-function gradient d(eep)/d(mass, age, feh).
+        la_c, fe_c = jax.lax.stop_gradient((log_age, feh))
         mass_c = jax.lax.stop_gradient(mass_msun)
-        def bisect(_, ab):
+
+        def node_pseudo_mass(jj, la, fe):
+            nodes = jnp.atleast_1d(jj)
+            m = _cubic_at_nodes(grid, nodes, la, fe, (COL_INITIAL_MASS,))[:, 0]
+            return m + eps * (grid.eep[0] + nodes)
+
+        def bisect_c(_, ab):
+            a, b = ab
+            mid = (a + b + 1) // 2
+            go = node_pseudo_mass(mid, la_c, fe_c)[0] <= mass_c
+            return jnp.where(go, mid, a), jnp.where(go, b, mid - 1)
+
+        c, _ = jax.lax.fori_loop(0, n_iter, bisect_c, (lo, hi - 1))
+        n = grid.eep.shape[0]
+        both = jnp.concatenate([jnp.clip(c - 1 + jnp.arange(4), 0, n - 1),
+                                jnp.stack([lo, hi])])
+        mk = _cubic_at_nodes(grid, both, log_age, feh, (COL_INITIAL_MASS,))[:, 0]
+        m_lo = mk[4] + eps * (grid.eep[0] + lo)
+        m_hi = mk[5] + eps * (grid.eep[0] + hi)
+        y = mk[:4]  # initial mass at nodes c-1 .. c+2
+        left_ok, right_ok = c - 1 >= lo, c + 2 <= hi
+
+        def mcub(u, y=y):  # as the table's: Steffen on mass, plus the linear eps term
+            return steffen_unit(y, u, left_ok, right_ok) + eps * (grid.eep[0] + c + u)
+
+        y_c = jax.lax.stop_gradient(y)
+
+        def halve(_, ab):
             a, b = ab
             mid = 0.5 * (a + b)
-            go = mcub(mid) <= mass_c
+            go = mcub(mid, y_c) <= mass_c
             return jnp.where(go, mid, a), jnp.where(go, b, mid)
 
-        a, b = jax.lax.fori_loop(0, 24, bisect, (a, b))
-        e0 = 0.5 * (a + b)
-        r, dr = jax.jvp(lambda e: mcub(e) - mass_msun, (e0,), (jnp.ones_like(e0),))
+        a, b = jax.lax.fori_loop(0, 24, halve, (jnp.zeros_like(t), jnp.ones_like(t)))
+        u0 = jax.lax.stop_gradient(0.5 * (a + b))
+        r, dr = jax.jvp(lambda u: mcub(u) - mass_msun, (u0,), (jnp.ones_like(u0),))
         safe = dr > 1e-12
-        eep = e0 - jnp.where(safe, r / jnp.where(safe, dr, 1.0), 0.0)
+        eep = grid.eep[0] + c + u0 - jnp.where(safe, r / jnp.where(safe, dr, 1.0), 0.0)
+        valid = inside & (mass_msun >= m_lo) & (mass_msun <= m_hi) & (hi > lo)
     return eep, valid
 
 
@@ -261,12 +299,11 @@ class IsochroneTable(NamedTuple):
     :func:`interp_eep` and :func:`eep_from_mass` (linear scheme) to float rounding.
 
     The cubic table (``cubic=True``) applies Steffen's monotone cubic across log age and
-    [Fe/H] at every EEP node, and the per-star look-ups apply it along EEP. Steffen's
-    limiter is not linear, so this order (age and [Fe/H] first) differs slightly from
-    :func:`interp_eep`'s (EEP first) between nodes. It is equal at grid nodes of (log age,
-    [Fe/H]), and C1 in all three coordinates. It costs per star about what the linear
-    scheme does, against ~15x for :func:`interp_eep` with ``cubic=True``
-    (``scripts/kink_check.py``).
+    [Fe/H] at every EEP node, and the per-star look-ups apply it along EEP: the same steps
+    in the same order as :func:`interp_eep` and :func:`eep_from_mass` with ``cubic=True``,
+    so the two paths agree to float rounding everywhere; C1 in all three coordinates at
+    the grid nodes. It costs per star about what the linear scheme does, against ~5x for
+    :func:`interp_eep` with ``cubic=True`` (``scripts/profile_interp.py``).
 
     values : (n_eep, 5) initial mass, current mass, log Teff, log g, log L at every node
     phase : (n_eep,) phase code at the nearest (age, [Fe/H]) node
@@ -295,22 +332,8 @@ def isochrone_table(grid: IsochroneGrid, log_age, feh, *, cubic: bool = False
     ifeh, iage, w, lo, hi, _ = _bracket(grid, log_age, feh)
     cols = jnp.asarray(_SMOOTH_COLS)
     if cubic:
-        ifeh, wfeh, _, out_feh, _ = _axis(feh, grid.feh, True)
-        iage, wage, _, out_age, _ = _axis(log_age, grid.log_age, True)
-        block = grid.data[ifeh[:, None], iage[None, :]][..., cols]  # (4, 4, n_eep, 5)
-        j = jnp.arange(grid.eep.shape[0])
-        first = grid.first[ifeh[:, None], iage[None, :]]  # (4, 4)
-        last = grid.last[ifeh[:, None], iage[None, :]]
-        real = (j >= first[..., None]) & (j <= last[..., None])  # (4, 4, n_eep)
-        # across age (as interp_eep: an outer isochrone is used where its row is real)
-        ok_a = real & jnp.concatenate([out_age[:1], jnp.ones(2, bool), out_age[1:]]
-                                      )[None, :, None]
-        v = steffen_unit(jnp.moveaxis(block, 1, -1), wage[0], ok_a[:, 0, :, None],
-                         ok_a[:, 3, :, None])  # (4, n_eep, 5)
-        ok_f = (real[:, 1] & real[:, 2]) & jnp.concatenate(
-            [out_feh[:1], jnp.ones(2, bool), out_feh[1:]])[:, None]  # (4, n_eep)
-        values = steffen_unit(jnp.moveaxis(v, 0, -1), wfeh[0], ok_f[0, :, None],
-                              ok_f[3, :, None])  # (n_eep, 5)
+        values = _cubic_at_nodes(grid, jnp.arange(grid.eep.shape[0]), log_age, feh,
+                                 _SMOOTH_COLS)  # (n_eep, 5)
     else:
         block = grid.data[ifeh[:, None], iage[None, :]][..., cols]  # (2, 2, n_eep, 5)
         values = jnp.einsum("ab,abec->ec", w, block)

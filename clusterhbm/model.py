@@ -331,9 +331,8 @@ def star_values(star: dict, popv: dict, config: ModelConfig, grid: ModelGrid):
 def shared_isochrone(config: ModelConfig) -> bool:
     """Whether every star shares one isochrone (age and [Fe/H] widths zero): then it is
     interpolated once per evaluation (:class:`~clusterhbm.isochrone.IsochroneTable`) and
-    each star needs only 1-D look-ups. In the linear scheme the density is the same either
-    way; in the cubic scheme it is equal at grid nodes of (log age, [Fe/H]) and differs
-    slightly between them (the order of the Steffen steps, see the table's docstring)."""
+    each star needs only 1-D look-ups. The density is the same either way (to float
+    rounding), in both schemes."""
     return config.pooled and not any(config.fit_widths[:2])
 
 
