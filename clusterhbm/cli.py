@@ -40,6 +40,9 @@ def _add_simulate(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default="mock.ecsv", help="ECSV or HDF5 (.h5)")
     p.add_argument("--plot", default=None, help="also write a CMD figure to this stem")
+    p.add_argument("--cubic", action="store_true",
+                   help="cubic grid interpolation (use the scheme the mock will be fitted "
+                        "with: `clusterhbm fit --cubic`)")
     p.set_defaults(func=_run_simulate)
 
 
@@ -51,7 +54,7 @@ def _run_simulate(a) -> int:
                            a.field_fraction)
     obs = ObservingModel(g_lim=a.g_lim, g_bright=a.g_bright, parallax_zp_mas=a.parallax_zp)
     sim = simulate_cluster(params, n_stars=a.n_stars, seed=a.seed, imf=a.imf,
-                           alpha=a.imf_slope, observing=obs)
+                           alpha=a.imf_slope, observing=obs, cubic=a.cubic)
     path = write_simulation(sim, a.output)
     t = sim.truth
     print(f"wrote {path}: {len(t)} systems ({int(t['is_field'].sum())} field, "

@@ -69,7 +69,6 @@ from .model import (
 )
 from .sampling import (
     SamplerOutput,
-    WarmupState,
     _chunk_length,
     _kernel,
     _make_adapt_fn,
@@ -77,6 +76,7 @@ from .sampling import (
     _step_record,
     _strong,
     _to_sampling,
+    initial_warmup_state,
 )
 
 __all__ = [
@@ -330,12 +330,9 @@ def run_nuts_batch(rng_key, logdensity_fn: Callable, cluster_args, init_position
                 return logdensity_fn(unravel(y), a)
 
             def one(xi, mi):
-                mm = mm_init(xi.shape[0])
-                mm = mm._replace(inverse_mass_matrix=mi if diagonal_mass_matrix
-                                 else jnp.diag(mi))
-                return _strong((nuts.init(xi, ld), WarmupState(
-                    da_init(initial_step_size), mm, jnp.asarray(initial_step_size, xi.dtype),
-                    mm.inverse_mass_matrix)))
+                return _strong((nuts.init(xi, ld), initial_warmup_state(
+                    xi, initial_step_size, mi, diagonal=diagonal_mass_matrix,
+                    da_init=da_init, mm_init=mm_init)))
 
             return jax.vmap(one)(x, m)
 

@@ -65,8 +65,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     grid = load_grid()
     truth = dict(CASES[a.case])
+    # the mocks use the fit's interpolation scheme (see simulate_cluster's ``cubic``)
     cats = [simulate_cluster(ClusterParams(**truth), n_stars=a.n_stars, seed=2000 + k,
-                             grid=grid).catalogue for k in range(a.n_mocks)]
+                             grid=grid, cubic=a.cubic).catalogue for k in range(a.n_mocks)]
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     group = a.group or a.n_mocks

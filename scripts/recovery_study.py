@@ -109,8 +109,9 @@ def main(argv=None):
     for wide in wopts:
         jobs = [(case, seed) for case in a.cases.split(",") for seed in range(a.seeds)]
         truths = [truth_of(case, wide) for case, _ in jobs]
+        # the mock uses the fit's interpolation scheme (see simulate_cluster's ``cubic``)
         cats = [simulate_cluster(ClusterParams(**t), n_stars=a.n_stars,
-                                 seed=1000 + seed).catalogue
+                                 seed=1000 + seed, cubic=a.cubic).catalogue
                 for t, (_, seed) in zip(truths, jobs)]
         if a.batch:
             t0 = time.perf_counter()

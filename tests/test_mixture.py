@@ -330,3 +330,58 @@ def test_shared_isochrone_fast_path_equals_general_path(grid):
         # and -inf at the same places: a pseudo-mass past the isochrone's end
         bad = {"pop": pop, "star": dict(star, s=star["s"].at[2].set(10.0))}
         assert float(general(bad)) == float(fast(bad)) == -np.inf
+
+
+def test_full_model_fit_moves_the_fractions_and_rejects_odd_stars(grid, caplog):
+    """Issue 5's CI check: a small mock with 30% binaries and 20% field stars, plus three
+    odd stars, fitted with the full model at short settings. The binary and field
+    fractions move away from the textbook model's zero towards the truth; a star with
+    no BP/RP is kept and fitted; a star with a negative parallax and one far off the
+    isochrone (bluer than any star of a 4 Gyr cluster) go to the field component."""
+    import logging
+
+    from astropy.table import vstack
+
+    from clusterhbm.fit import fit_cluster
+    from clusterhbm.simulate import ClusterParams, simulate_cluster
+
+    truth = ClusterParams(**POP, f_bin=0.3, f_field=0.2)
+    sim = simulate_cluster(truth, n_stars=90, seed=5, grid=grid, cubic=True)
+    cat, t = sim.catalogue, sim.truth
+    member = np.flatnonzero(~np.asarray(t["is_field"]) & ~np.asarray(t["is_binary"])
+                            & (np.asarray(cat["phot_g_mean_mag"]) < 16))[:3]
+    odd = cat[member].copy()
+    odd["source_id"] = [900001, 900002, 900003]
+    for c in ("phot_bp_mean_mag", "phot_rp_mean_mag"):  # 1: no BP/RP
+        odd[c][0] = np.nan
+    odd["parallax"][1], odd["parallax_error"][1] = -0.5, 0.05  # 2: negative parallax
+    odd["phot_bp_mean_mag"][2] = odd["phot_g_mean_mag"][2] - 0.6  # 3: BP-RP ~ -0.6 ...
+    odd["phot_rp_mean_mag"][2] = odd["phot_g_mean_mag"][2]  # ... far off the isochrone
+    full = vstack([cat, odd])
+    full.meta = cat.meta
+    with caplog.at_level(logging.INFO, logger="clusterhbm.fit"):
+        res = fit_cluster(full, num_chains=2, num_warmup=200, num_samples=150, seed=0,
+                          fit_widths=False, cubic=True, binaries=True, field=True,
+                          selection=True, g_lim=19.0, grid=grid, n_starts=3,
+                          optimise_steps=200, max_num_doublings=7)
+    assert "1 missing BP" in caplog.text  # counted, not dropped
+    assert len(res.source_id) == len(full)
+    pm = np.asarray(res.stars["p_member"]).mean(axis=(0, 1))
+    sid = list(np.asarray(res.source_id))
+    p_odd = [pm[sid.index(s)] for s in (900001, 900002, 900003)]
+    assert p_odd[0] > 0.5, p_odd  # on the sequence in G, at the cluster's parallax
+    assert p_odd[1] < 0.05 and p_odd[2] < 0.05, p_odd
+    is_field = np.asarray(t["is_field"], bool)
+    by_sid = dict(zip(sid, pm))
+    pm_mock = np.array([by_sid[s] for s in np.asarray(cat["source_id"])])
+    assert np.mean(pm_mock[is_field] < 0.5) > 0.7
+    assert np.mean(pm_mock[~is_field] > 0.5) > 0.9
+    s = res.summary()
+    n_field_true = (is_field.sum() + 2) / len(full)
+    for k, v in (("f_field", n_field_true), ("f_bin", 0.3)):
+        d = np.asarray(res.population[k]).ravel()
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        assert lo < v < hi, (k, lo, hi, v)
+        assert lo > 0.05, (k, lo)  # away from the textbook model's zero
+    for k in ("log_age", "distance_pc"):
+        assert abs(s[k]["mean"] - POP[k]) < 4 * s[k]["sd"] + 1e-3 * POP[k], (k, s[k])

@@ -15,13 +15,16 @@ TRUTH = {"log_age": 9.6, "feh": 0.0, "distance_pc": 850.0, "av_mag": 0.1}
 
 @pytest.fixture(scope="module")
 def mock():
-    return simulate_cluster(ClusterParams(**TRUTH), n_stars=100, seed=1)
+    # the mock uses the fit's interpolation scheme (simulate_cluster's ``cubic``)
+    return simulate_cluster(ClusterParams(**TRUTH), n_stars=100, seed=1, cubic=True)
 
 
 @pytest.fixture(scope="module")
 def fit(mock):
+    # cubic: the linear scheme's kinks at grid nodes cap NUTS's step size
+    # (docs/performance.md); 2 x 400 draws then give R-hat ~1.00 and ESS 300-800
     return fit_cluster(mock.catalogue, num_chains=2, num_warmup=500, num_samples=400,
-                       seed=0, fit_widths=False, truth=TRUTH)
+                       seed=0, fit_widths=False, truth=TRUTH, cubic=True)
 
 
 def test_recovers_population_means_within_3_sd(fit):
@@ -29,10 +32,10 @@ def test_recovers_population_means_within_3_sd(fit):
     for k, v in TRUTH.items():
         z = (s[k]["mean"] - v) / s[k]["sd"]
         assert abs(z) < 3, (k, s[k]["mean"], s[k]["sd"], z)
-        # Issue 4 asks for R-hat < 1.05 at CI length; log age currently mixes slowly
-        # (R-hat ~1.15 with 2 x 400 draws, see the issue note), so this bound only
-        # catches chains stuck in different modes (R-hat ~2 seen before the A_V fix).
-        assert s[k]["rhat"] < 1.3, (k, s[k]["rhat"])
+        assert s[k]["rhat"] < 1.05, (k, s[k]["rhat"])  # issue 4's bound at CI length
+        # the metric shrunk towards the curvature (sampling.regularised_metric), not
+        # towards 1e-3 I: bulk ESS 44-104 of 800 draws before, 301-818 after
+        assert s[k]["ess_bulk"] > 100, (k, s[k]["ess_bulk"])
     assert fit.num_divergent <= 0.01 * fit.num_chains * fit.num_draws
 
 
