@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 class WarmupState(NamedTuple):
     """Adaptation state of one chain.
 
-    ``metric_target`` (D,) is the diagonal that a window's metric estimate is shrunk
-    towards (see :func:`regularised_metric`): the starting metric (e.g. from the
-    curvature) in the first window, then the previous window's variances.
+    ``metric_target`` ((D,) for a diagonal metric, (D, D) for a dense one) is what a
+    window's metric estimate is shrunk towards (see :func:`regularised_metric`): the
+    starting metric (e.g. from the curvature) in the first window, then the previous
+    window's estimate.
     """
 
     da_state: tuple
@@ -86,7 +87,8 @@ def _kernel():
 SHRINKAGE_COUNT = 5.0
 
 
-def regularised_metric(welford_state, target, *, diagonal: bool):
+def regularised_metric(welford_state, target, *, diagonal: bool,
+                       prior_count: float = SHRINKAGE_COUNT, raise_diagonal: bool = True):
     """A window's inverse metric: its sample covariance shrunk towards ``target``.
 
     Stan (and BlackJAX's ``mass_matrix_adaptation``) shrink towards ``1e-3 * I``, which
@@ -99,20 +101,26 @@ def regularised_metric(welford_state, target, *, diagonal: bool):
     standardises, where unit variances are the right prior guess; later windows shrink
     towards the previous window's variances.
 
-    ``target`` : (D,) diagonal (variances). Returns (D,) or (D, D).
+    ``target`` : (D,) variances (diagonal metric) or (D, D) (dense; e.g. the Laplace
+    covariance of :func:`clusterhbm.fit.laplace_metric`), worth ``prior_count`` draws
+    (Stan: 5). Returns (D,) or (D, D).
     """
     _, m2, count = welford_state  # Welford's running mean, M2 and count
     n = jnp.asarray(count, m2.dtype)
     cov = m2 / jnp.maximum(n - 1.0, 1.0)
-    w_data = n / (n + SHRINKAGE_COUNT)
-    w_prior = SHRINKAGE_COUNT / (n + SHRINKAGE_COUNT)
+    w_data = n / (n + prior_count)
+    w_prior = prior_count / (n + prior_count)
     if diagonal:
         return w_data * cov + w_prior * target
     # dense: a window holds fewer draws than there are dimensions, so the sample
-    # covariance is singular; shrink towards a diagonal that keeps each coordinate's own
-    # sample variance where it exceeds the starting one (the population parameters'
-    # marginal variances are hundreds of times their curvature variances)
-    return w_data * cov + w_prior * jnp.diag(jnp.maximum(jnp.diag(cov), target))
+    # covariance is singular; the target's diagonal is raised to each coordinate's own
+    # sample variance where that is larger (a curvature start has the population's
+    # conditional variances, hundreds of times below its marginal ones)
+    if not raise_diagonal:  # a full target (the Laplace covariance): keep its structure
+        return w_data * cov + w_prior * target
+    dg = jnp.diag(target)
+    t = target + jnp.diag(jnp.maximum(jnp.diag(cov), dg) - dg)
+    return w_data * cov + w_prior * t
 
 
 def _make_init_fn(logdensity_flat, *, diagonal):
@@ -129,15 +137,17 @@ def _make_init_fn(logdensity_flat, *, diagonal):
 
 
 def initial_warmup_state(x, initial_step_size, imm0, *, diagonal, da_init, mm_init):
-    """A chain's :class:`WarmupState` at flat position ``x`` from the diagonal ``imm0``."""
-    mm = mm_init(x.shape[0])
-    mm = mm._replace(inverse_mass_matrix=imm0 if diagonal else jnp.diag(imm0))
+    """A chain's :class:`WarmupState` at flat position ``x`` from ``imm0``: (D,) variances,
+    or (D, D) for a dense metric."""
+    imm0 = jnp.asarray(imm0, x.dtype)
+    imm = imm0 if (diagonal or imm0.ndim == 2) else jnp.diag(imm0)
+    mm = mm_init(x.shape[0])._replace(inverse_mass_matrix=imm)
     return WarmupState(da_init(initial_step_size), mm,
-                       jnp.asarray(initial_step_size, x.dtype), mm.inverse_mass_matrix,
-                       jnp.asarray(imm0, x.dtype))
+                       jnp.asarray(initial_step_size, x.dtype), imm, imm)
 
 
-def _make_adapt_fn(*, target_accept, diagonal):
+def _make_adapt_fn(*, target_accept, diagonal, prior_count=SHRINKAGE_COUNT,
+                   raise_diagonal=True):
     """One warm-up update of a chain's step size and metric after a NUTS step.
 
     Dual averaging of the step size at every step; Welford's estimate of the metric in the
@@ -155,14 +165,17 @@ def _make_adapt_fn(*, target_accept, diagonal):
 
         def end_window(w):
             imm = regularised_metric(w.mm_state.wc_state, w.metric_target,
-                                     diagonal=diagonal)
+                                     diagonal=diagonal, prior_count=prior_count,
+                                     raise_diagonal=raise_diagonal)
             m = mm_final(w.mm_state)._replace(inverse_mass_matrix=imm)  # resets Welford
             d = da_init(da_final(w.da_state))
-            # the next window shrinks towards this one's variances: a poor starting
-            # variance (e.g. 1 where the curvature was not negative) fades geometrically
+            # diagonal: the next window shrinks towards this one's variances, so a poor
+            # starting variance fades geometrically; dense: the target stays the
+            # starting one (a full estimate as target, with its diagonal raised, would
+            # lose its correlations)
             return w._replace(da_state=d, mm_state=m, step_size=jnp.exp(d.log_step_size),
                               inverse_mass_matrix=imm,
-                              metric_target=imm if diagonal else jnp.diag(imm))
+                              metric_target=imm if diagonal else w.metric_target)
 
         return jax.lax.cond(window_end, end_window, lambda w: w, warm)
 
@@ -205,7 +218,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
              chunk_size: int = 100, max_num_doublings: int = 10,
              target_accept: float = 0.8, diagonal_mass_matrix: bool = True,
              initial_step_size: float = 0.1, initial_inverse_mass_matrix=None,
-             progress: bool = False,
+             metric_prior_count: float | None = None, progress: bool = False,
              checkpoint: str | Path | None = None,
              sharding: jax.sharding.NamedSharding | None = None) -> SamplerOutput:
     """Warm up and sample several NUTS chains (vmapped) in chunks.
@@ -223,7 +236,10 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         the same path resumes from it
     initial_inverse_mass_matrix : (D,) or (C, D) diagonal to start warm-up from (default
         the identity); a good one saves the first window from maximal trees when the
-        coordinates' scales differ by orders of magnitude
+        coordinates' scales differ by orders of magnitude. With a dense metric it may be
+        a full (D, D) or (C, D, D) matrix (e.g. :func:`clusterhbm.fit.laplace_metric`)
+    metric_prior_count : how many draws the starting metric is worth when a window's
+        estimate is shrunk towards it (:func:`regularised_metric`; default 5, Stan's)
     progress : show a tqdm bar
     sharding : optional ``NamedSharding`` over a mesh whose first partitioned axis splits
         the chains over devices (:func:`clusterhbm.parallel.chain_sharding`); the number
@@ -248,7 +264,16 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         return transform(unravel(x))
 
     w_init = _make_init_fn(logdensity_flat, diagonal=diagonal_mass_matrix)
-    adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix)
+    full_start = (initial_inverse_mass_matrix is not None and not diagonal_mass_matrix
+                  and np.ndim(initial_inverse_mass_matrix) >= 2
+                  and np.shape(initial_inverse_mass_matrix)[-2:] == (dim, dim))
+    if metric_prior_count is None:
+        # Stan's 5 for both. Measured on the 100-star CI mock (dense, 2 x 400 draws):
+        # bulk ESS 301-818; with the weight of D draws (a Ledoit-Wolf-like intensity for
+        # windows of fewer draws than dimensions) 109-270
+        metric_prior_count = SHRINKAGE_COUNT
+    adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix,
+                           prior_count=metric_prior_count, raise_diagonal=not full_start)
     kernel = _kernel()
 
     def chunk_local(states, warms, keys, stages, ends, adapting):
@@ -297,6 +322,9 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
     ck = _Checkpoint(checkpoint, n_chains, dim)
     if initial_inverse_mass_matrix is None:
         imm0 = jnp.ones_like(flat0)
+    elif full_start:
+        imm0 = jnp.broadcast_to(jnp.asarray(initial_inverse_mass_matrix, flat0.dtype),
+                                (n_chains, dim, dim))
     else:
         imm0 = jnp.broadcast_to(jnp.asarray(initial_inverse_mass_matrix, flat0.dtype),
                                 flat0.shape)

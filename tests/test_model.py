@@ -209,8 +209,76 @@ def test_curvature_diagonal_equals_hessian_diagonal():
         got = np.asarray(jax.jit(lambda p: curvature_diagonal(ld, p))(position))
         np.testing.assert_allclose(got, full, rtol=1e-8, atol=1e-8)
         var = np.asarray(curvature_inverse_metric(ld, position, min_var=1e-12, max_var=1e6))
-        want = np.where(full < 0, -1.0 / np.where(full < 0, full, -1.0), 1.0)
+        want = -1.0 / np.where(full < 0, full, -1.0)
+        want = np.where(full < 0, want, np.median(want[full < 0]))  # the fallback
         np.testing.assert_allclose(var, np.clip(want, 1e-12, 1e6), rtol=1e-8)
+
+
+def test_arrow_hessian_equals_the_full_hessian():
+    """P + K Hessian-vector products give every non-zero block of the Hessian."""
+    from jax.flatten_util import ravel_pytree
+
+    from clusterhbm.fit import curvature_arrow
+
+    with x64():
+        grid = load_grid(dtype=jnp.float64)
+        data, pop, star = _toy(jnp.float64)
+        cfg = ModelConfig(band_idx=GAIA)
+        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+        ld = make_logdensity_fn(data, grid, cfg)
+        x0, unravel = ravel_pytree(position)
+        full = np.asarray(jax.jit(jax.hessian(lambda x: ld(unravel(x))))(x0))
+        h_pp, h_ps, h_ss = (np.asarray(x) for x in
+                            jax.jit(lambda p: curvature_arrow(ld, p))(position))
+        n_p, (_, k, n) = h_pp.shape[0], h_ps.shape
+        # rebuild the full matrix from the arrow (ravel order: pop, then kind-major stars)
+        rebuilt = np.zeros_like(full)
+        rebuilt[:n_p, :n_p] = h_pp
+        rebuilt[:n_p, n_p:] = h_ps.reshape(n_p, k * n)
+        rebuilt[n_p:, :n_p] = h_ps.reshape(n_p, k * n).T
+        for i in range(n):
+            idx = n_p + np.arange(k) * n + i
+            rebuilt[np.ix_(idx, idx)] = h_ss[i]
+        np.testing.assert_allclose(rebuilt, full, rtol=1e-7, atol=1e-7 * np.abs(full).max())
+
+
+def test_laplace_inverse_metric_is_the_inverse_of_the_arrow_matrix():
+    """The Schur-complement covariance equals a dense inverse of the assembled matrix; a
+    star whose block is not positive definite is decoupled with its fallback variances."""
+    from clusterhbm.fit import laplace_inverse_metric
+
+    with x64():
+        rng = np.random.default_rng(3)
+        n_p, k, n = 4, 2, 6
+        scale = np.concatenate([np.full(n_p, 1e-2), np.full(k * n, 1e-4)])
+        m = rng.normal(size=(n_p + k * n, n_p + k * n))
+        prec = m @ m.T + (n_p + k * n) * np.eye(n_p + k * n)
+        for i in range(n):  # zero the star-star cross terms: the arrow shape
+            for j in range(n):
+                if i != j:
+                    prec[np.ix_(n_p + np.arange(k) * n + i, n_p + np.arange(k) * n + j)] = 0
+        prec = prec / np.outer(scale, scale)
+        h = -prec
+        h_pp = h[:n_p, :n_p]
+        h_ps = h[:n_p, n_p:].reshape(n_p, k, n)
+        h_ss = np.stack([h[np.ix_(n_p + np.arange(k) * n + i, n_p + np.arange(k) * n + i)]
+                         for i in range(n)])
+        fb = np.full((k, n), 1e-8)
+        cov, ok = laplace_inverse_metric(jnp.asarray(h_pp), jnp.asarray(h_ps),
+                                         jnp.asarray(h_ss), jnp.asarray(fb))
+        assert bool(ok)
+        np.testing.assert_allclose(np.asarray(cov), np.linalg.inv(prec), rtol=1e-8,
+                                   atol=1e-12 * np.abs(np.linalg.inv(prec)).max())
+        # star 2's own block made indefinite: it is decoupled and gets the fallback
+        h_ss_bad = h_ss.copy()
+        h_ss_bad[2] = -h_ss_bad[2]
+        cov2, ok2 = laplace_inverse_metric(jnp.asarray(h_pp), jnp.asarray(h_ps),
+                                           jnp.asarray(h_ss_bad), jnp.asarray(fb))
+        idx = n_p + np.arange(k) * n + 2
+        c2 = np.asarray(cov2)
+        np.testing.assert_allclose(c2[np.ix_(idx, idx)], np.diag(fb[:, 2]), rtol=1e-8)
+        assert np.all(c2[:n_p, idx] == 0)
+        assert bool(ok2) and np.all(np.linalg.eigvalsh(c2) > 0)
 
 
 def test_checkpoint_resume_gives_identical_draws(tmp_path, monkeypatch):

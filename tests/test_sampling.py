@@ -25,7 +25,8 @@ def test_regularised_metric_is_stans_rule_towards_the_target(diagonal):
     scales = np.array([1e-4, 1e-2, 1.0])
     x = rng.normal(size=(30, 3)) * scales
     target = scales ** 2 * np.array([2.0, 0.5, 1.0])
-    got = np.asarray(regularised_metric(_welford(x, diagonal), jnp.asarray(target),
+    tgt = target if diagonal else np.diag(target)
+    got = np.asarray(regularised_metric(_welford(x, diagonal), jnp.asarray(tgt),
                                         diagonal=diagonal))
     n = len(x)
     w = n / (n + SHRINKAGE_COUNT)
@@ -38,6 +39,11 @@ def test_regularised_metric_is_stans_rule_towards_the_target(diagonal):
     # never the 1e-3 identity of Stan's default, which swamps a 1e-8 variance
     first = got[0] if diagonal else got[0, 0]
     assert first < 1e-7
+    if not diagonal:  # a full target (the Laplace covariance) keeps its structure
+        full = np.asarray(regularised_metric(_welford(x, False), jnp.asarray(tgt),
+                                             diagonal=False, prior_count=10.0,
+                                             raise_diagonal=False))
+        np.testing.assert_allclose(full, 30 / 40 * cov + 10 / 40 * tgt, rtol=1e-4)
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
