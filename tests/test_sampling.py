@@ -64,3 +64,25 @@ def test_badly_scaled_gaussian_keeps_a_large_step_size(diagonal):
     draws = np.asarray(out.samples["position"]["x"]).reshape(-1, 12)
     ratio = draws.std(axis=0) / sd
     assert np.all((ratio > 0.7) & (ratio < 1.3)), ratio
+
+
+def test_factor_covariance_is_exact_for_conditionally_independent_coordinates():
+    """Stars independent given the population: the factor form reproduces such a
+    covariance exactly, and from fewer draws than dimensions it is full rank."""
+    from clusterhbm.sampling import factor_covariance
+
+    rng = np.random.default_rng(1)
+    n_pop, n_star = 3, 40
+    a = rng.normal(size=(n_pop, n_pop))
+    c_pp = a @ a.T + np.eye(n_pop)
+    b = rng.normal(size=(n_star, n_pop)) * 0.1
+    resid = rng.uniform(1e-4, 1e-2, n_star)
+    cov = np.block([[c_pp, c_pp @ b.T], [b @ c_pp, b @ c_pp @ b.T + np.diag(resid)]])
+    got = np.asarray(factor_covariance(jnp.asarray(cov), n_pop, jnp.full(n_star, 1e-9)))
+    np.testing.assert_allclose(got, cov, rtol=1e-4, atol=1e-6 * np.abs(cov).max())  # f32
+    # 20 draws in 43 dimensions: the sample covariance is singular, the factor form not
+    draws = rng.multivariate_normal(np.zeros(n_pop + n_star), cov, size=20)
+    sample = np.cov(draws, rowvar=False)
+    assert np.linalg.matrix_rank(sample) < n_pop + n_star
+    est = np.asarray(factor_covariance(jnp.asarray(sample), n_pop, jnp.full(n_star, 1e-6)))
+    assert np.all(np.linalg.eigvalsh(est) > 0)
