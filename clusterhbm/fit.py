@@ -324,9 +324,11 @@ def best_of_starts(logdensity_fn, cands, config: ModelConfig, grid: ModelGrid, r
     best, loss = optimise_starts(logdensity_fn, stacked, num_steps=num_steps)
     k = int(np.argmin(np.where(np.isfinite(loss), loss, np.inf)))
     if len(cands) > 1:
-        ages = [float(np.asarray(best["pop"]["log_age"][i])) for i in range(len(cands))]
+        # (the unpooled model has no population age: its starts differ in the stars')
+        ages = ([round(float(np.asarray(best["pop"]["log_age"][i])), 3)
+                 for i in range(len(cands))] if "log_age" in best["pop"] else "(unpooled)")
         log.info("optimised from %d starts: -log density %s at log_age %s; best: start %d",
-                 len(cands), np.round(loss, 1), np.round(ages, 3), k)
+                 len(cands), np.round(loss, 1), ages, k)
         if np.sum(loss - loss[k] > 10.0) > 0:
             log.info("%d of %d starts ended >10 below the best log density (local modes)",
                      int(np.sum(loss - loss[k] > 10.0)), len(cands))

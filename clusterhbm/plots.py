@@ -148,7 +148,9 @@ def plot_corner(result, *, names=None, figsize=(7.0, 7.0)):
                                                           if n not in SUMMARY_ORDER]
     names = [n for n in names if n in pop]
     k = len(names)
-    x = {n: np.asarray(pop[n]).ravel() for n in names}
+    # float64: the draws of a stuck chain span less than float32's resolution at their
+    # value (log age 9.5494 +- 1e-5), where numpy cannot make 30 distinct bins
+    x = {n: np.asarray(pop[n], np.float64).ravel() for n in names}
     truth = result.truth or {}
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(k, k, figsize=figsize, squeeze=False)
@@ -159,7 +161,8 @@ def plot_corner(result, *, names=None, figsize=(7.0, 7.0)):
                     ax.set_visible(False)
                     continue
                 if i == j:
-                    ax.hist(x[ni], bins=30, histtype="step", color="k", density=True)
+                    nb = int(min(30, max(1, np.unique(x[ni]).size)))
+                    ax.hist(x[ni], bins=nb, histtype="step", color="k", density=True)
                     ax.set_yticks([])
                     if ni in truth:
                         ax.axvline(truth[ni], color="tab:red", lw=0.8)

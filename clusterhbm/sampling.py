@@ -111,9 +111,35 @@ def factor_covariance(cov, n_pop: int, floor):
     return jnp.block([[c_pp, c_sp.T], [c_sp, 0.5 * (c_ss + c_ss.T)]])
 
 
+def spiked_covariance(cov, n):
+    """A covariance from ``n`` draws in D dimensions, for n below or near D: its
+    diagonal plus the correlation eigen-directions that stand above the noise.
+
+    The sample correlation matrix of n draws of D uncorrelated coordinates has
+    eigenvalues spread over the Marchenko-Pastur bulk [(1 - sqrt(g))^2, (1 + sqrt(g))^2],
+    g = D / n (and n - 1 non-zero ones when n < D). A true correlation eigenvalue l > 1 +
+    sqrt(g) shows as a "spike" above the bulk at lam = l (1 + g / (l - 1)); this inverts
+    that relation for every eigenvalue above the bulk edge, and sets the rest of the
+    spectrum to 1: each coordinate keeps its own variance in every direction the draws do
+    not resolve, instead of the small weight a convex shrinkage leaves there. A cluster's
+    age-star coupling is such a spike (correlations ~0.99). (D, D) -> (D, D).
+    """
+    d = jnp.maximum(jnp.diag(cov), 1e-300)
+    sd = jnp.sqrt(d)
+    corr = cov / jnp.outer(sd, sd)
+    lam, vec = jnp.linalg.eigh(0.5 * (corr + corr.T))
+    g = cov.shape[0] / jnp.maximum(n, 1.0)
+    edge = (1.0 + jnp.sqrt(g)) ** 2
+    b = lam + 1.0 - g
+    ell = 0.5 * (b + jnp.sqrt(jnp.maximum(b * b - 4.0 * lam, 0.0)))
+    ell = jnp.where(lam > edge, jnp.maximum(ell, 1.0), 1.0)
+    est = (vec * (ell - 1.0)) @ vec.T + jnp.eye(cov.shape[0], dtype=cov.dtype)
+    return est * jnp.outer(sd, sd)
+
+
 def regularised_metric(welford_state, target, *, diagonal: bool,
                        prior_count: float = SHRINKAGE_COUNT, raise_diagonal: bool = True,
-                       n_pop: int = 0):
+                       n_pop: int = 0, spiked: bool = False):
     """A window's inverse metric: its sample covariance shrunk towards ``target``.
 
     Stan (and BlackJAX's ``mass_matrix_adaptation``) shrink towards ``1e-3 * I``, which
@@ -130,7 +156,8 @@ def regularised_metric(welford_state, target, *, diagonal: bool,
     covariance of :func:`clusterhbm.fit.laplace_metric`), worth ``prior_count`` draws
     (Stan: 5). ``n_pop`` > 0 (dense): the first ``n_pop`` coordinates are the population,
     the others conditionally independent given it, and the sample covariance is replaced
-    by :func:`factor_covariance` before shrinking. Returns (D,) or (D, D).
+    by :func:`factor_covariance` before shrinking. ``spiked`` (dense): a window of fewer
+    draws than dimensions is replaced by :func:`spiked_covariance`. Returns (D,) or (D, D).
     """
     _, m2, count = welford_state  # Welford's running mean, M2 and count
     n = jnp.asarray(count, m2.dtype)
@@ -138,6 +165,8 @@ def regularised_metric(welford_state, target, *, diagonal: bool,
     if n_pop and not diagonal:
         floor = 1e-3 * jnp.diag(target)[n_pop:]
         cov = factor_covariance(cov, n_pop, floor)
+    if spiked and not diagonal:  # only where the window holds fewer draws than dimensions
+        cov = jnp.where(n < cov.shape[0], spiked_covariance(cov, n), cov)
     w_data = n / (n + prior_count)
     w_prior = prior_count / (n + prior_count)
     if diagonal:
@@ -177,7 +206,7 @@ def initial_warmup_state(x, initial_step_size, imm0, *, diagonal, da_init, mm_in
 
 
 def _make_adapt_fn(*, target_accept, diagonal, prior_count=SHRINKAGE_COUNT,
-                   raise_diagonal=True, n_pop=0):
+                   raise_diagonal=True, n_pop=0, spiked=False):
     """One warm-up update of a chain's step size and metric after a NUTS step.
 
     Dual averaging of the step size at every step; Welford's estimate of the metric in the
@@ -196,7 +225,8 @@ def _make_adapt_fn(*, target_accept, diagonal, prior_count=SHRINKAGE_COUNT,
         def end_window(w):
             imm = regularised_metric(w.mm_state.wc_state, w.metric_target,
                                      diagonal=diagonal, prior_count=prior_count,
-                                     raise_diagonal=raise_diagonal, n_pop=n_pop)
+                                     raise_diagonal=raise_diagonal, n_pop=n_pop,
+                                     spiked=spiked)
             m = mm_final(w.mm_state)._replace(inverse_mass_matrix=imm)  # resets Welford
             d = da_init(da_final(w.da_state))
             # diagonal: the next window shrinks towards this one's variances, so a poor
@@ -249,7 +279,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
              target_accept: float = 0.8, diagonal_mass_matrix: bool = True,
              initial_step_size: float = 0.1, initial_inverse_mass_matrix=None,
              metric_prior_count: float | None = None, metric_pop_dims: int | None = None,
-             progress: bool = False,
+             spiked_metric: bool = False, progress: bool = False,
              checkpoint: str | Path | None = None,
              sharding: jax.sharding.NamedSharding | None = None) -> SamplerOutput:
     """Warm up and sample several NUTS chains (vmapped) in chunks.
@@ -278,6 +308,10 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         default: on the 100-star CI mock it shortened warm-up trajectories (39-55
         instead of 60-99 steps per draw) but gave log age a bulk ESS of 14 of 800 draws
         (the full estimate: 301), ``scripts/metric_check.py --variant factor``
+    spiked_metric : with a dense metric, a window of fewer draws than dimensions is
+        estimated as its diagonal plus the correlation directions above the noise
+        (:func:`spiked_covariance`); for clusters of hundreds of stars, whose early
+        windows are rank-deficient (``scripts/metric_check.py --variant spiked``)
     progress : show a tqdm bar
     sharding : optional ``NamedSharding`` over a mesh whose first partitioned axis splits
         the chains over devices (:func:`clusterhbm.parallel.chain_sharding`); the number
@@ -312,7 +346,7 @@ def run_nuts(rng_key, logdensity_fn: Callable, init_positions, *, num_warmup: in
         metric_prior_count = SHRINKAGE_COUNT
     adapt = _make_adapt_fn(target_accept=target_accept, diagonal=diagonal_mass_matrix,
                            prior_count=metric_prior_count, raise_diagonal=not full_start,
-                           n_pop=int(metric_pop_dims or 0))
+                           n_pop=int(metric_pop_dims or 0), spiked=spiked_metric)
     kernel = _kernel()
 
     def chunk_local(states, warms, keys, stages, ends, adapting):

@@ -12,7 +12,9 @@ cubic with 2 chains x (500 warm-up + 400 draws), widths fixed, under one of:
   Hessian at the optimum) as the metric throughout;
 * ``diag``: the default rule with a diagonal metric;
 * ``factor``: the default rule with each window's covariance in the population-factor
-  form (:func:`clusterhbm.sampling.factor_covariance`).
+  form (:func:`clusterhbm.sampling.factor_covariance`);
+* ``spiked``: the default rule with windows of fewer draws than dimensions estimated as
+  diagonal plus spikes (:func:`clusterhbm.sampling.spiked_covariance`).
 
     python scripts/metric_check.py --variant default
     python scripts/metric_check.py --variant stan
@@ -46,8 +48,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="default",
                    choices=("stan", "default", "count-d", "laplace-fixed", "diag",
-                            "factor"))
+                            "factor", "spiked"))
     p.add_argument("--n-stars", type=int, default=100)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--samples", type=int, default=400)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/metric_check.json"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -55,7 +60,7 @@ def main(argv=None):
     if a.variant == "stan":
         orig = sampling.regularised_metric
 
-        def stan(state, target, *, diagonal, prior_count=5.0, raise_diagonal=True):
+        def stan(state, target, *, diagonal, **_):
             eye = jnp.full(target.shape[-1], 1e-3, target.dtype)
             return orig(state, eye if diagonal else jnp.diag(eye), diagonal=diagonal,
                         prior_count=5.0, raise_diagonal=False)
@@ -69,17 +74,20 @@ def main(argv=None):
         kw["start_metric"] = "laplace"
     elif a.variant == "diag":
         kw["dense_mass_matrix"] = False
+    elif a.variant == "spiked":
+        fit_mod.run_nuts = functools.partial(sampling.run_nuts, spiked_metric=True)
     elif a.variant == "factor":  # 4 population coordinates (widths fixed)
         fit_mod.run_nuts = functools.partial(sampling.run_nuts, metric_pop_dims=4)
     sim = simulate_cluster(ClusterParams(**TRUTH), n_stars=a.n_stars, seed=1)
     t0 = time.perf_counter()
-    res = fit_mod.fit_cluster(sim.catalogue, num_chains=2, num_warmup=500, num_samples=400,
-                              seed=0, fit_widths=False, truth=TRUTH, cubic=True, **kw)
+    res = fit_mod.fit_cluster(sim.catalogue, num_chains=a.chains, num_warmup=a.warmup,
+                              num_samples=a.samples, seed=0, fit_widths=False, truth=TRUTH,
+                              cubic=True, **kw)
     wall = time.perf_counter() - t0
     print(res.summary_text())
     s = res.summary()
     steps = float(np.asarray(res.sampler["num_integration_steps"]).mean())
-    rec = {"variant": a.variant, "n_stars": a.n_stars, "wall_s": wall,
+    rec = {"variant": a.variant, "args": vars(a), "n_stars": a.n_stars, "wall_s": wall,
            "steps_per_draw": steps, "divergent": int(res.num_divergent),
            "loadavg": os.getloadavg(),
            "params": {k: {m: s[k][m] for m in ("mean", "sd", "rhat", "ess_bulk", "ess_tail")}

@@ -86,3 +86,36 @@ def test_factor_covariance_is_exact_for_conditionally_independent_coordinates():
     assert np.linalg.matrix_rank(sample) < n_pop + n_star
     est = np.asarray(factor_covariance(jnp.asarray(sample), n_pop, jnp.full(n_star, 1e-6)))
     assert np.all(np.linalg.eigvalsh(est) > 0)
+
+
+def test_spiked_covariance_finds_the_coupling_from_fewer_draws_than_dimensions():
+    """One strong correlation direction (like a cluster's age-star coupling) among 200
+    coordinates of very different scales, 40 draws: the estimate is positive definite,
+    its leading direction is the true one, and elsewhere each coordinate keeps its own
+    variance (a convex shrinkage of the singular sample covariance leaves the null space
+    at 5/(n+5) of it)."""
+    from clusterhbm.sampling import spiked_covariance
+
+    rng = np.random.default_rng(2)
+    d, n = 200, 40
+    scale = np.logspace(-4, -1, d)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    corr = np.eye(d) * 0.05 + 0.95 * np.outer(np.sign(u), np.sign(u)) / 1.0
+    corr = 0.5 * (corr + corr.T)
+    np.fill_diagonal(corr, 1.0)
+    cov = corr * np.outer(scale, scale)
+    draws = rng.multivariate_normal(np.zeros(d), cov, size=n)
+    sample = np.cov(draws, rowvar=False)
+    est = np.asarray(spiked_covariance(jnp.asarray(sample), jnp.asarray(float(n))))
+    assert np.all(np.linalg.eigvalsh(0.5 * (est + est.T)) > 0)
+    s = np.sqrt(np.diag(est))
+    lam, vec = np.linalg.eigh(est / np.outer(s, s))
+    true_dir = np.sign(u) / np.sqrt(d)
+    assert abs(vec[:, -1] @ true_dir) > 0.95
+    assert lam[-1] > 0.5 * d * 0.95  # the spike's size, roughly
+    # a direction orthogonal to the spike keeps about unit correlation-scale variance
+    v = rng.normal(size=d)
+    v -= (v @ true_dir) * true_dir
+    v /= np.linalg.norm(v)
+    assert 0.5 < v @ (est / np.outer(s, s)) @ v < 2.0
