@@ -425,28 +425,19 @@ def curvature_diagonal(logdensity_fn, position):
 
     Stars interact only through the population, so the Hessian has no star-star cross
     terms and its diagonal costs one Hessian-vector product per population coordinate
-    plus one per *kind* of star coordinate (all stars at once). The products are vmapped
-    over those basis directions: one traced program, pure and jittable (and vmappable
-    over clusters, see :func:`clusterhbm.parallel.fit_many`).
+    plus one per *kind* of star coordinate (all stars at once): the diagonal of
+    :func:`curvature_arrow`. Pure and jittable (and vmappable over clusters, see
+    :func:`clusterhbm.parallel.fit_many`); in ``ravel_pytree`` order.
     """
-    from jax.flatten_util import ravel_pytree
+    return _arrow_diagonal(*curvature_arrow(logdensity_fn, position))
 
-    def safe(p):
-        lp = logdensity_fn(p)
-        return jnp.where(jnp.isfinite(lp), lp, 0.0)
 
-    grad = jax.grad(safe)
-    pop_keys, star_keys = list(position["pop"]), list(position["star"])
-    n_dir = len(pop_keys) + len(star_keys)
-    tangents = {"pop": {k: jnp.zeros((n_dir,) + jnp.shape(v), jnp.result_type(v))
-                        .at[j].set(1.0) for j, (k, v) in enumerate(position["pop"].items())},
-                "star": {k: jnp.zeros((n_dir,) + jnp.shape(v), jnp.result_type(v))
-                         .at[len(pop_keys) + i].set(1.0)
-                         for i, (k, v) in enumerate(position["star"].items())}}
-    hv = jax.vmap(lambda t: jax.jvp(grad, (position,), (t,))[1])(tangents)
-    diag = {"pop": {k: hv["pop"][k][j] for j, k in enumerate(pop_keys)},
-            "star": {k: hv["star"][k][len(pop_keys) + i] for i, k in enumerate(star_keys)}}
-    return ravel_pytree(diag)[0]
+def _arrow_diagonal(h_pp, h_ps, h_ss):
+    """The flat (ravel-order) diagonal of an arrow-shaped Hessian: population, then each
+    star key's N values."""
+    del h_ps
+    return jnp.concatenate([jnp.diag(h_pp), jnp.swapaxes(
+        jnp.diagonal(h_ss, axis1=-2, axis2=-1), 0, 1).reshape(-1)])
 
 
 def metric_from_curvature(diag, *, min_var: float = 1e-10, max_var: float = 1e2):
@@ -499,8 +490,12 @@ def curvature_arrow(logdensity_fn, position):
                          .at[len(pop_keys) + i].set(1.0) for i, k in enumerate(star_keys)}}
     hv = jax.vmap(lambda t: jax.jvp(grad, (position,), (t,))[1])(tangents)
     n_p = len(pop_keys)
-    h_pp = jnp.stack([hv["pop"][k][:n_p] for k in pop_keys], axis=1)  # (P, P)
+    n_s = jnp.shape(position["star"][star_keys[0]])[0]
+    dt = jnp.result_type(*jax.tree.leaves(position))
+    h_pp = (jnp.stack([hv["pop"][k][:n_p] for k in pop_keys], axis=1) if n_p  # (P, P)
+            else jnp.zeros((0, 0), dt))  # the unpooled model has no population
     h_ps = jnp.stack([hv["star"][k][:n_p] for k in star_keys], axis=1)  # (P, K, N)
+    h_ps = h_ps.reshape(n_p, len(star_keys), n_s)
     h_ss = jnp.stack([jnp.stack([hv["star"][k][n_p + i] for i in range(len(star_keys))],
                                 axis=-1) for k in star_keys], axis=-2)  # (N, K, K)
     return 0.5 * (h_pp + h_pp.T), h_ps, 0.5 * (h_ss + jnp.swapaxes(h_ss, -1, -2))
@@ -558,9 +553,7 @@ def laplace_metric(logdensity_fn, position, *, min_var: float = 1e-10):
     positive definite there; one jitted program."""
     def run(pos):
         h_pp, h_ps, h_ss = curvature_arrow(logdensity_fn, pos)
-        diag = jnp.concatenate([jnp.diag(h_pp), jnp.swapaxes(
-            jnp.diagonal(h_ss, axis1=-2, axis2=-1), 0, 1).reshape(-1)])
-        var = metric_from_curvature(diag, min_var=min_var)
+        var = metric_from_curvature(_arrow_diagonal(h_pp, h_ps, h_ss), min_var=min_var)
         k, n = h_ps.shape[1], h_ps.shape[2]
         return laplace_inverse_metric(h_pp, h_ps, h_ss,
                                       var[h_pp.shape[0]:].reshape(k, n), min_var=min_var)

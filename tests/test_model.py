@@ -192,20 +192,28 @@ def test_density_traced_a_bounded_number_of_times():
     assert count["n"] <= 5, count["n"]
 
 
-def test_curvature_diagonal_equals_hessian_diagonal():
-    """The HVP-per-coordinate-kind diagonal equals the diagonal of the full Hessian."""
+def _toy_hessian():
+    """The 2-star toy's position, log density and full Hessian (jax.hessian), float64;
+    call inside ``x64()``."""
     from jax.flatten_util import ravel_pytree
 
+    grid = load_grid(dtype=jnp.float64)
+    data, pop, star = _toy(jnp.float64)
+    cfg = ModelConfig(band_idx=GAIA)
+    position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
+    ld = make_logdensity_fn(data, grid, cfg)
+    x0, unravel = ravel_pytree(position)
+    full = np.asarray(jax.jit(jax.hessian(lambda x: ld(unravel(x))))(x0))
+    return position, ld, full
+
+
+def test_curvature_diagonal_equals_hessian_diagonal():
+    """The HVP-per-coordinate-kind diagonal equals the diagonal of the full Hessian."""
     from clusterhbm.fit import curvature_diagonal, curvature_inverse_metric
 
     with x64():
-        grid = load_grid(dtype=jnp.float64)
-        data, pop, star = _toy(jnp.float64)
-        cfg = ModelConfig(band_idx=GAIA)
-        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
-        ld = make_logdensity_fn(data, grid, cfg)
-        x0, unravel = ravel_pytree(position)
-        full = np.diag(np.asarray(jax.jit(jax.hessian(lambda x: ld(unravel(x))))(x0)))
+        position, ld, full = _toy_hessian()
+        full = np.diag(full)
         got = np.asarray(jax.jit(lambda p: curvature_diagonal(ld, p))(position))
         np.testing.assert_allclose(got, full, rtol=1e-8, atol=1e-8)
         var = np.asarray(curvature_inverse_metric(ld, position, min_var=1e-12, max_var=1e6))
@@ -216,18 +224,10 @@ def test_curvature_diagonal_equals_hessian_diagonal():
 
 def test_arrow_hessian_equals_the_full_hessian():
     """P + K Hessian-vector products give every non-zero block of the Hessian."""
-    from jax.flatten_util import ravel_pytree
-
     from clusterhbm.fit import curvature_arrow
 
     with x64():
-        grid = load_grid(dtype=jnp.float64)
-        data, pop, star = _toy(jnp.float64)
-        cfg = ModelConfig(band_idx=GAIA)
-        position = {"pop": pop_to_unconstrained(pop, cfg), "star": star}
-        ld = make_logdensity_fn(data, grid, cfg)
-        x0, unravel = ravel_pytree(position)
-        full = np.asarray(jax.jit(jax.hessian(lambda x: ld(unravel(x))))(x0))
+        position, ld, full = _toy_hessian()
         h_pp, h_ps, h_ss = (np.asarray(x) for x in
                             jax.jit(lambda p: curvature_arrow(ld, p))(position))
         n_p, (_, k, n) = h_pp.shape[0], h_ps.shape
