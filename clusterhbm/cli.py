@@ -122,6 +122,12 @@ def _add_fit(sub):
     p.add_argument("--full", action="store_true",
                    help="the real-cluster model: --binaries --field --selection "
                         "--fit-mf-slope")
+    p.add_argument("--marginal", action="store_true",
+                   help="integrate every star's mass (and q) out and sample the population "
+                        "only (clusterhbm.marginal): the way the mixture model (--full) "
+                        "mixes; fits no widths (implies --no-widths)")
+    p.add_argument("--n-q", type=int, default=24,
+                   help="mass-ratio bins of the marginal model [24]")
     p.add_argument("--imf", default="kroupa", choices=("kroupa", "chabrier", "powerlaw"))
     p.add_argument("--priors", default=None, metavar="TOML",
                    help="TOML file with a [priors] table overriding clusterhbm.model.Priors "
@@ -159,6 +165,14 @@ def _load_catalogue(spec, release=None):
     return gaia.fetch(spec)
 
 
+def _marginal_options(a):
+    if not a.marginal:
+        return None
+    from .marginal import MarginalOptions
+
+    return MarginalOptions(n_q=a.n_q)
+
+
 def _run_fit(a) -> int:
     _setup_jax(a)
     import json
@@ -177,7 +191,9 @@ def _run_fit(a) -> int:
                     len(cat))
         cat = cat[keep]
     widths = (True,) * 4
-    if a.no_widths:
+    if a.marginal and a.widths:
+        raise ValueError("--marginal fits no widths: drop --widths (or drop --marginal)")
+    if a.no_widths or a.marginal:
         widths = (False,) * 4
     elif a.widths:
         names = [w.strip() for w in a.widths.split(",") if w.strip()]
@@ -203,7 +219,8 @@ def _run_fit(a) -> int:
                       binaries=a.binaries or full, field=a.field or full,
                       selection=a.selection or full or a.g_lim is not None,
                       g_lim=a.g_lim, g_bright=a.g_bright,
-                      fit_mf_slope=a.fit_mf_slope or full)
+                      fit_mf_slope=a.fit_mf_slope or full, marginal=a.marginal,
+                      marginal_options=_marginal_options(a))
     path = res.to_hdf5(a.output)
     if a.json:
         print(json.dumps(res.summary_json(), indent=2))

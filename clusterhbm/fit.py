@@ -636,7 +636,8 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                 binaries: bool = False, field: bool = False, selection: bool = False,
                 g_lim: float | None = None, g_bright: float | None = None,
                 fit_mf_slope: bool = False, member_prob_column: str | None = "member_prob",
-                start_metric: str = "curvature"):
+                start_metric: str = "curvature", marginal: bool = False,
+                marginal_options=None):
     """Fit the hierarchical model to a catalogue with BlackJAX NUTS.
 
     Parameters
@@ -670,6 +671,12 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         Laplace covariance kept as the metric throughout gave bulk ESS 67-268 (the
         adapted curvature start 301-818), with 15-18 divergences per 100 warm-up steps:
         the posterior is not Gaussian enough for the curvature at one point
+    marginal : sample the population only, every star's mass (and mass ratio) integrated
+        out along the shared isochrone (:mod:`clusterhbm.marginal`); the widths must all be
+        fixed (``fit_widths=False``). The mixture model (binaries, field) mixes only this
+        way; per-star masses, Teff, log g, membership and binary probabilities are drawn
+        from each star's conditional at every draw
+    marginal_options : :class:`clusterhbm.marginal.MarginalOptions` (q bins, pruning)
 
     Returns
     -------
@@ -735,6 +742,16 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     if not pooled:
         priors = priors._replace(unpooled_distance_pc=guess["distance_pc"],
                                  unpooled_sigma_distance_pc=0.5 * guess["distance_pc"])
+    if marginal:
+        return _fit_marginal(fd, grid, config, priors, guess, eep0, init=init,
+                             opts=marginal_options, num_chains=num_chains,
+                             num_warmup=num_warmup, num_samples=num_samples, seed=seed,
+                             k_init=k_init, k_run=k_run, n_starts=n_starts,
+                             optimise_steps=optimise_steps, chunk_size=chunk_size,
+                             max_num_doublings=max_num_doublings,
+                             target_accept=target_accept, progress=progress,
+                             checkpoint=checkpoint, truth=truth, t_start=t_start,
+                             n_catalogue=len(catalogue), use_parallax=use_parallax)
     logdensity_fn = make_logdensity_fn(fd.data, grid, config, priors)
     # several starts -> optimise each -> the best, jittered, for all chains
     cands = start_candidates(fd.data, grid, band_idx, guess, eep0, init=init,
@@ -799,6 +816,218 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         "g_bright": priors.g_bright if selection else None,
         "field_photometry": fd.field_info if field else None,
         "n_catalogue": len(catalogue),
+    }
+    timings = dict(out.timings, init_s=t_init, wall_s=wall)
+    return FitResult.from_sampler(out, source_id=fd.source_id, settings=settings,
+                                  timings=timings, truth=truth)
+
+
+def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-3):
+    """Damped Newton (Levenberg-Marquardt) on -log density over a small, smooth position
+    (the marginal model's ~10 population parameters): the exact Hessian (D
+    Hessian-vector products) each step, (H + lam diag|H|) delta = -g, lam shrunk after a
+    step that improves and grown after one that does not. Returns the best position;
+    logs the gradient norm there."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(position)
+
+    def loss(x):
+        v = logdensity_fn(unravel(x))
+        return -jnp.where(jnp.isfinite(v), v, -1e30)
+
+    vg = jax.jit(jax.value_and_grad(loss))
+    hess = jax.jit(jax.hessian(loss))
+    x = flat
+    l0 = f, g = None, None
+    f, g = vg(x)
+    f, g = float(f), np.asarray(g, float)
+    l0 = f
+    lam = 1e-3
+    it = 0
+    for it in range(max_iter):
+        h = np.asarray(hess(x), float)
+        if not np.all(np.isfinite(h)):
+            break
+        h = 0.5 * (h + h.T)
+        d = np.abs(np.diag(h)) + 1e-12
+        improved = False
+        for _ in range(12):
+            try:
+                step = np.linalg.solve(h + lam * np.diag(d), -g)
+            except np.linalg.LinAlgError:
+                lam *= 4.0
+                continue
+            x_new = x + jnp.asarray(step, x.dtype)
+            f_new, g_new = vg(x_new)
+            f_new = float(f_new)
+            if np.isfinite(f_new) and f_new < f:
+                x, f, g = x_new, f_new, np.asarray(g_new, float)
+                lam = max(lam / 3.0, 1e-6)
+                improved = True
+                break
+            lam *= 4.0
+        if not improved or float(np.sqrt(g @ np.linalg.solve(h + 1e-6 * np.diag(d), g))
+                                 if np.all(np.isfinite(g)) else np.inf) < tol:
+            break
+    log.info("Newton: -log density %.2f -> %.2f in %d steps, |gradient| %.3g", l0, f,
+             it + 1, float(np.linalg.norm(g)))
+    return unravel(x)
+
+
+def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10):
+    """Dense inverse metric for a population-only position: the inverse of -Hessian at
+    ``position`` (flat, in ``ravel_pytree`` order), or its diagonal's inverse where it is
+    not positive definite, or None."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(position)
+    h = np.asarray(jax.hessian(lambda x: logdensity_fn(unravel(x)))(flat), float)
+    if not np.all(np.isfinite(h)):
+        return None
+    neg = -0.5 * (h + h.T)
+    try:
+        np.linalg.cholesky(neg)
+        cov = np.linalg.inv(neg)
+    except np.linalg.LinAlgError:
+        d = np.diag(neg)
+        var = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), np.nan)
+        var = np.where(np.isfinite(var), var, np.nanmedian(var) if np.any(np.isfinite(var))
+                       else 1.0)
+        cov = np.diag(var)
+    cov = 0.5 * (cov + cov.T)
+    cov[np.diag_indices_from(cov)] = np.maximum(np.diag(cov), min_var)
+    return jnp.asarray(cov, flat.dtype)
+
+
+def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chains,
+                  num_warmup, num_samples, seed, k_init, k_run, n_starts, optimise_steps,
+                  chunk_size, max_num_doublings, target_accept, progress, checkpoint,
+                  truth, t_start, n_catalogue, use_parallax):
+    """:func:`fit_cluster` with ``marginal=True`` (population-only NUTS)."""
+    from .marginal import (
+        MarginalOptions,
+        check_config,
+        log_density_marginal,
+        make_marginal_logdensity_fn,
+        select_segments,
+        star_conditionals,
+    )
+    from .results import FitResult
+
+    check_config(config)
+    opts = MarginalOptions() if opts is None else opts
+    # 1. optimise with the per-evaluation choice of each star's nearest blocks (rough at
+    #    the 0.1-1 level where the choice changes: fine for Adam, not for NUTS)
+    rough_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts)
+    cands = start_candidates(fd.data, grid, config.band_idx, guess, eep0, init=init,
+                             n_starts=n_starts if optimise_steps else 1)
+    starts = [{"pop": pop_to_unconstrained(g, config), "star": {}} for g, _ in cands]
+    if optimise_steps:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
+        best, losses = optimise_starts(rough_fn, stacked, num_steps=optimise_steps)
+        k_best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+        pos1 = jax.tree.map(lambda x: x[k_best], best)
+        log.info("marginal model: optimised from %d starts: -log density %s; best: start %d",
+                 len(cands), np.round(losses, 1), k_best)
+    else:
+        pos1, k_best, losses = starts[0], 0, None
+    if not np.isfinite(float(rough_fn(pos1))):
+        raise ValueError("the marginal model's log density is -inf at the start (the "
+                         "population is outside the grid or no star is near the isochrone)")
+    # 2. fix every star's segments around the optimum (a smooth density), optimise that
+    #    with BFGS (twice, re-fixing the segments around the new optimum), take the
+    #    curvature there, and fix the segments again over draws from the inflated Laplace
+    #    approximation
+    steps = {"log_age": 0.02, "feh": 0.02, "ln_distance_pc": 0.005, "av_raw": 0.02}
+    t_sel = time.perf_counter()
+
+    def around(pos):
+        states = [pos["pop"]] + [{**pos["pop"], k: pos["pop"][k] + f * h}
+                                 for k, h in steps.items() for f in (-1.0, -0.5, 0.5, 1.0)]
+        return select_segments(jax.tree.map(lambda *xs: jnp.stack(xs), *states), fd.data,
+                               grid, config, priors, opts, n_segments=opts.n_segments)
+
+    for _ in range(2 if optimise_steps else 1):
+        sel = around(pos1)
+        smooth_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts, sel=sel)
+        if optimise_steps:
+            pos1 = newton_best(smooth_fn, pos1)
+    imm0 = population_inverse_metric(smooth_fn, pos1)
+    if imm0 is not None:
+        from jax.flatten_util import ravel_pytree
+
+        flat, unravel = ravel_pytree(pos1)
+        cov = np.asarray(imm0, float)
+        chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[0]))
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((opts.n_select_draws, cov.shape[0]))
+        draws = np.asarray(flat, float)[None] + opts.select_scale * z @ chol.T
+        states = [pos1["pop"]] + [unravel(jnp.asarray(d, flat.dtype))["pop"] for d in draws]
+        sel = select_segments(jax.tree.map(lambda *xs: jnp.stack(xs), *states), fd.data,
+                              grid, config, priors, opts, n_segments=opts.n_segments)
+    log.info("marginal model: %d segments per star fixed in %.1f s (of %d)",
+             int(sel.shape[1]), time.perf_counter() - t_sel,
+             (1 + (opts.n_q if config.binaries else 0)) * (grid.iso.eep.shape[0] - 1)
+             * opts.refine)
+    logdensity_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts, sel=sel)
+    keys = jax.random.split(k_init, num_chains)
+    inits = jax.vmap(lambda k: jax.tree.map(
+        lambda x: x + 1e-3 * jax.random.normal(k, jnp.shape(x)), pos1))(keys)
+    t_init = time.perf_counter() - t_start
+
+    def transform(p):
+        return star_conditionals(p["pop"], fd.data, grid, config, priors, opts, sel=sel)
+
+    out = run_nuts(k_run, logdensity_fn, inits, num_warmup=num_warmup,
+                   num_samples=num_samples, transform_fn=transform, chunk_size=chunk_size,
+                   max_num_doublings=max_num_doublings, target_accept=target_accept,
+                   progress=progress, checkpoint=checkpoint,
+                   initial_inverse_mass_matrix=imm0, diagonal_mass_matrix=False)
+    # how much the fixed segments miss: per star, pruned minus every-segment log density
+    # at a few posterior draws
+    flat_draws = np.asarray(out.final_positions)
+    from jax.flatten_util import ravel_pytree
+    _, unravel = ravel_pytree(pos1)
+    per_star_full = jax.jit(lambda p: log_density_marginal(
+        p["pop"], fd.data, grid, config, priors, opts._replace(n_blocks=None), per_star=True))
+    per_star_sel = jax.jit(lambda p: log_density_marginal(
+        p["pop"], fd.data, grid, config, priors, opts, per_star=True, sel=sel))
+    miss = []
+    for row in flat_draws[:4]:
+        p = unravel(jnp.asarray(row, jnp.zeros(()).dtype))
+        miss.append(np.asarray(per_star_full(p) - per_star_sel(p)))
+    miss = np.asarray(miss)
+    pruning = {"max_per_star": float(np.max(np.abs(miss))),
+               "max_total": float(np.max(np.abs(miss.sum(axis=1))))}
+    log.info("marginal model: the fixed segments miss at most %.3g per star, %.3g in total "
+             "(at %d final positions)", pruning["max_per_star"], pruning["max_total"],
+             len(miss))
+    if pruning["max_total"] > 0.5:
+        log.warning("the fixed segments miss %.2f of the log density at the final "
+                    "positions: raise MarginalOptions.n_segments", pruning["max_total"])
+    wall = time.perf_counter() - t_start
+    settings = {
+        "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
+        "seed": seed, "pooled": True, "fit_widths": [False] * 4,
+        "marginal_pruning": pruning, "cubic": config.cubic,
+        "fit_parallax_zp": config.fit_parallax_zp, "imf": config.imf,
+        "bands": list(fd.bands), "gaia_release": fd.release,
+        "max_num_doublings": max_num_doublings, "target_accept": target_accept,
+        "use_parallax": use_parallax, "dense_mass_matrix": True, "marginal": True,
+        "marginal_options": {k: v for k, v in opts._asdict().items()},
+        "priors": {k: float(v) for k, v in priors._asdict().items()},
+        "initial_guess": cands[k_best][0],
+        "optimised_starts": {"n": len(cands), "best": k_best,
+                             "neg_log_density": None if losses is None
+                             else [float(x) for x in losses]},
+        "pop_position_keys": list(pop_position_keys(config)),
+        "binaries": config.binaries, "field": config.field, "selection": config.selection,
+        "fit_mf_slope": config.fit_mf_slope,
+        "g_lim": priors.g_lim if config.selection else None,
+        "g_bright": priors.g_bright if config.selection else None,
+        "field_photometry": fd.field_info if config.field else None,
+        "n_catalogue": n_catalogue,
     }
     timings = dict(out.timings, init_s=t_init, wall_s=wall)
     return FitResult.from_sampler(out, source_id=fd.source_id, settings=settings,

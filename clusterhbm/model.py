@@ -523,7 +523,8 @@ def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Prior
     """log P(detected | member, phi): the completeness term of the member density.
 
     P = integral IMF(m) S(G(m)) dm / integral IMF(m) dm over the masses alive at the
-    population's mean (log age, [Fe/H]), distance and A_V, with
+    population's mean (log age, [Fe/H]), distance and A_V (the denominator in closed form,
+    from m_min to the last node's mass, like the mass prior's Z), with
     S(G) = Phi((g_lim - G) / w) Phi((G - g_bright) / w), by the trapezoid rule on the
     isochrone's EEP nodes (exact node masses, no inversion). With binaries, the binary
     term averages S over ``n_q`` mid-point mass ratios, the secondary's G interpolated in
@@ -572,7 +573,11 @@ def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Prior
         s_tot = s_single
     dm = jnp.where(inside[1:] & inside[:-1], m[1:] - m[:-1], 0.0)
     num = jnp.sum(0.5 * (f_imf[1:] * s_tot[1:] + f_imf[:-1] * s_tot[:-1]) * dm)
-    den = jnp.sum(0.5 * (f_imf[1:] + f_imf[:-1]) * dm)
+    # the denominator is the IMF mass alive, m_min .. the last node's mass, in closed form
+    # (as the mass prior's Z): a trapezoid over the inside nodes jumped by ~4% where the
+    # first inside node changes, at every grid age (the stars there are undetected)
+    m_hi = jnp.clip(jnp.max(jnp.where(inside, m, 0.0)), priors.m_min * 1.0001, priors.m_max)
+    den = imf_cdf(m_hi, **kw)
     return jnp.log(jnp.maximum(num, 1e-30)) - jnp.log(jnp.maximum(den, 1e-30))
 
 

@@ -3,6 +3,7 @@
     python scripts/fit_m67.py --chains 2 --warmup 300 --samples 300 -o /tmp/m67_fit.h5
     python scripts/fit_m67.py --cubic --widths distance_pc --chains 4 --warmup 1000 \
         --samples 1000
+    python scripts/fit_m67.py --cubic --marginal --chains 4 --warmup 500 --samples 500
 
 Binaries, the field/outlier mixture, the selection function (G limit = the catalogue's
 faintest star) and the mass-function slope are on; the literature ``member`` column is used
@@ -22,6 +23,7 @@ import numpy as np
 
 from clusterhbm.catalogue import read_catalogue
 from clusterhbm.fit import fit_cluster
+from clusterhbm.marginal import MarginalOptions
 
 DEFAULT = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clusters"
            / "m67" / "m67_gaia.ecsv")
@@ -66,6 +68,12 @@ def main(argv=None):
     p.add_argument("--cubic", action="store_true",
                    help="C1 cubic interpolation (see docs/performance.md: the linear scheme's "
                         "kinks at grid nodes cap the NUTS step size)")
+    p.add_argument("--marginal", action="store_true",
+                   help="integrate every star's mass and q out (clusterhbm.marginal): the "
+                        "mixture model mixes only this way; needs no widths")
+    p.add_argument("--n-q", type=int, default=24, help="mass-ratio bins (--marginal)")
+    p.add_argument("--n-segments", type=int, default=192,
+                   help="fixed segments per star (--marginal)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--chunk-size", type=int, default=50)
     p.add_argument("-o", "--output", default="/tmp/m67_fit.h5")
@@ -84,7 +92,8 @@ def main(argv=None):
                       seed=a.seed, fit_widths=fit_widths, binaries=True, field=True,
                       selection=True, g_lim=a.g_lim, fit_mf_slope=not a.no_mf_slope,
                       cubic=a.cubic, progress=True,
-                      checkpoint=a.checkpoint, chunk_size=a.chunk_size)
+                      checkpoint=a.checkpoint, chunk_size=a.chunk_size, marginal=a.marginal,
+                      marginal_options=MarginalOptions(n_q=a.n_q, n_segments=a.n_segments))
     wall = time.perf_counter() - t0
     print(res.summary_text())
     res.to_hdf5(a.output)

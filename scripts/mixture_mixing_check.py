@@ -27,6 +27,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-binaries", action="store_true")
     p.add_argument("--linear", action="store_true", help="linear scheme (default cubic)")
+    p.add_argument("--marginal", action="store_true",
+                   help="the marginal model (every star's mass and q integrated out)")
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--depth", type=int, default=6)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     grid = load_grid()
@@ -34,10 +39,11 @@ def main(argv=None):
     # the mock is simulated linear (as in the measured runs); the fit is cubic by default
     sim = simulate_cluster(ClusterParams(**pop, f_bin=0.3, f_field=0.2), n_stars=90, seed=5,
                            grid=grid)
-    res = fit_cluster(sim.catalogue, num_chains=2, num_warmup=150, num_samples=100, seed=0,
+    res = fit_cluster(sim.catalogue, num_chains=2, num_warmup=a.warmup,
+                      num_samples=a.samples, seed=0, marginal=a.marginal,
                       fit_widths=False, cubic=not a.linear, binaries=not a.no_binaries,
                       field=True, selection=True, g_lim=19.0, grid=grid,
-                      optimise_steps=200, max_num_doublings=6, chunk_size=50,
+                      optimise_steps=200, max_num_doublings=a.depth, chunk_size=50,
                       init={"log_age": 9.6})
     print(res.summary_text())
     ff = np.asarray(res.population["f_field"])

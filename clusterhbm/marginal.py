@@ -1,0 +1,668 @@
+"""The cluster model with every star's mass and mass ratio integrated out (no per-star latents).
+
+Why
+---
+With a latent mass (pseudo-mass s) and mass ratio q per star, the real-cluster mixture
+(unresolved binaries, field stars) does not mix under NUTS: a star's conditional posterior
+in s is ~1e-4 Msun wide as a single member, a different narrow peak as a binary, and the
+whole broad IMF as a field star, so every change of class is a jump between scales that
+differ by orders of magnitude (``scripts/mixture_mixing_check.py``: step size ~1e-3,
+98-100% tree-depth hits, R-hat ~2). Here the stars' mass and q are integrated out for
+every population state, exactly enough that the sampler sees a smooth density of the
+population parameters phi alone:
+
+    p(phi | D) ∝ p(phi) prod_i [ w_i ((1 - f_bin) L_i^single + f_bin L_i^binary) / P_det
+                                 + (1 - w_i) L_i^field ]
+
+    L_i^single = ∫ IMF(m) N(D_i | mags(m), V_i) dm,
+    L_i^binary = ∫∫ IMF(m) U(q) N(D_i | mags(m, q), V_i) dm dq.
+
+The isochrone is shared by all stars (the age and [Fe/H] widths are zero; the distance
+and A_V widths too, see below), so the track of model magnitudes against initial mass is
+computed once per evaluation on the grid's EEP nodes (optionally ``refine`` times finer).
+
+Mass: exact along a piecewise-linear track
+------------------------------------------
+Between two nodes the track is a straight segment in magnitude space, mu(t) = mu_k +
+t (mu_{k+1} - mu_k), t in [0, 1], carrying the IMF weight w_k = IMF(m_k+1/2) (m_{k+1} -
+m_k) / Z (Z: the IMF mass alive on the isochrone), spread uniformly in t. The Gaussian
+likelihood along the segment integrates in closed form,
+
+    ∫_0^1 exp(-chi2(t) / 2) dt = sqrt(2 pi / A) [Phi(sqrt(A) (1 - t*)) - Phi(-sqrt(A) t*)]
+    exp(-chi2(t*) / 2),     chi2(t) = A (t - t*)^2 + chi2(t*),
+
+with A = Delta' P Delta, t* = Delta' P r_0 / A. No mass grid has to resolve a bright
+star's 10-mmag likelihood: the result is exact for the piecewise-linear track however far
+apart the nodes are (the nodes are ~0.05 mag apart on the main sequence). In the cubic
+scheme the chord between nodes differs from the cubic arc; ``refine=2`` halves the chords
+(``scripts/marginal_check.py`` measures the difference).
+
+Mass ratio: J bins, each smoothed across its width
+--------------------------------------------------
+q ~ U(q_min, 1) is cut into ``n_q`` bins equally spaced in the main-sequence brightening
+log10(1 + q^4.5) (:func:`q_bins`: narrow near q = 1, where the binary track moves fast),
+each weighted by its width in q; the binary track of bin j is the pair at
+the bin's middle ratio (fluxes added band by band, the secondary interpolated in mass on
+the same isochrone). Binary tracks of neighbouring bins are 0.75 / n_q mag apart on the main sequence (with
+equal q bins it would be ~0.25 mag near q = 1 for n_q = 12), more than a bright star's
+error, so a plain sum over bins would be a comb.
+Each bin's track is therefore smeared along the bin: the vector c between the binary
+tracks at the bin's two edges enters as a rank-one covariance c c' / 12 (a uniform
+distribution across the bin, matched in variance). That keeps the q-integral smooth and
+its total weight exact; it blurs the binary likelihood within a bin by its own width
+(documented approximation, measured against brute force in the tests).
+
+What is and is not in this model
+--------------------------------
+Population parameters as in :mod:`clusterhbm.model` (log age, [Fe/H], distance, A_V,
+parallax zero-point, f_bin, f_field and the field parallax distribution, the mass-function
+slope), the same priors (:class:`clusterhbm.model.Priors`), the same field photometry,
+selection normaliser and likelihood floor. Widths are not fitted (every member shares
+the cluster's age, [Fe/H], distance and A_V): the latent model (:mod:`clusterhbm.model`)
+fits them. Per-star results are Rao-Blackwellised: at every draw each star's membership
+and binary probabilities, and its mass, Teff and log g drawn from its conditional given
+the draw's phi (as a member).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import log_ndtr, ndtr, ndtri
+
+from .grid import ModelGrid
+from .imf import imf_cdf, log_imf
+from .isochrone import table_eep_range, table_interp
+from .model import (
+    ModelConfig,
+    Priors,
+    StarData,
+    _add_mags,
+    _imf_kwargs,
+    _log_normal_parallax,
+    log_prior_population,
+    population_state,
+)
+from .photometry import photometry
+
+__all__ = [
+    "Blocks",
+    "MarginalOptions",
+    "Track",
+    "blocks",
+    "log_density_marginal",
+    "make_marginal_logdensity_fn",
+    "q_bins",
+    "segment_log_integral",
+    "select_segments",
+    "star_conditionals",
+    "star_log_likelihoods",
+    "track",
+]
+
+_LOG_2PI = 1.8378770664093453
+_BIG_MAG = 99.0
+
+
+class Track(NamedTuple):
+    """The shared model track(s) of one population state.
+
+    mags : (T, K, B) apparent magnitudes at K nodes of T tracks: track 0 single stars,
+        tracks 1..n_q binaries at the middle of each q bin
+    smear : (T, K, B) the rank-one smearing vector of each binary bin (0 for singles)
+    log_w : (K - 1,) log prior weight of each segment (IMF mass in it / Z; -inf: invalid)
+    log_wq : (n_q,) log prior weight of each q bin
+    mass, log_teff, logg, eep : (K,) node values of the primary
+    """
+
+    mags: jax.Array
+    smear: jax.Array
+    log_w: jax.Array
+    log_wq: jax.Array
+    mass: jax.Array
+    log_teff: jax.Array
+    logg: jax.Array
+    eep: jax.Array
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0 (x clamped just below 0)."""
+    x = jnp.minimum(x, -1e-12)
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _log_ndtr_diff(u0, u1):
+    """log(Phi(u1) - Phi(u0)) for u1 >= u0, accurate in both tails."""
+    upper = u0 > 0.0
+    a = jnp.where(upper, -u1, u0)
+    b = jnp.where(upper, -u0, u1)
+    lb = log_ndtr(b)
+    return lb + _log1mexp(log_ndtr(a) - lb)
+
+
+def segment_log_integral(r0, delta, prec, smear=None, a_min: float = 1e-8):
+    """log ∫_0^1 N(r0 - t delta; 0, V) dt for one segment (bands on the last axis).
+
+    r0 : data minus the segment's first node; delta : the segment's vector; prec : the
+    diagonal precision 1/V (0 for a missing band); smear : optional vector c with
+    V -> V + c c' (Sherman-Morrison). Returns (log integral, t*, A).
+    """
+    if smear is None:
+        def dot(x, y):
+            return jnp.sum(x * prec * y, axis=-1)
+        logdet_extra = 0.0
+    else:
+        pc = prec * smear
+        den = 1.0 + jnp.sum(smear * pc, axis=-1)
+
+        def dot(x, y):
+            return (jnp.sum(x * prec * y, axis=-1)
+                    - jnp.sum(x * pc, axis=-1) * jnp.sum(y * pc, axis=-1) / den)
+        logdet_extra = jnp.log(den)
+    a = jnp.maximum(dot(delta, delta), a_min)
+    b = dot(delta, r0)
+    c = dot(r0, r0)
+    t_star = b / a
+    chi2_min = jnp.maximum(c - b * t_star, 0.0)
+    sa = jnp.sqrt(a)
+    u0, u1 = -sa * t_star, sa * (1.0 - t_star)
+    # a segment far shorter than the star's error (late phases, where nodes nearly
+    # coincide): Phi(u1) - Phi(u0) = sqrt(A) phi(u_mid) to O(A); the exact branch gets
+    # harmless arguments there (its second derivatives overflow to NaN otherwise)
+    short = sa < 1e-3
+    exact = _log_ndtr_diff(jnp.where(short, -0.5, u0), jnp.where(short, 0.5, u1))
+    mid = 0.5 * (u0 + u1)
+    approx = jnp.log(sa) - 0.5 * mid * mid - 0.5 * _LOG_2PI
+    log_int = (-0.5 * chi2_min + 0.5 * (_LOG_2PI - jnp.log(a))
+               + jnp.where(short, approx, exact))
+    return log_int - 0.5 * logdet_extra, t_star, a
+
+
+#: main-sequence flux ratio ~ q^_Q_POWER (L ~ m^4.5): the bins are equal in the brightening
+_Q_POWER = 4.5
+
+
+def q_bins(q_min: float, n_q: int):
+    """Edges and middles of ``n_q`` mass-ratio bins on [q_min, 1], equally spaced in the
+    main-sequence brightening log10(1 + q^4.5) (narrow where the binary track moves fast,
+    near q = 1; wide where the secondary adds little light)."""
+    def g(q):
+        return jnp.log10(1.0 + q ** _Q_POWER)
+
+    gs = g(q_min) + (g(1.0) - g(q_min)) * jnp.arange(n_q + 1) / n_q
+    edges = (10.0 ** gs - 1.0) ** (1.0 / _Q_POWER)
+    edges = edges.at[0].set(q_min).at[-1].set(1.0)
+    return edges, 0.5 * (edges[1:] + edges[:-1])
+
+
+def track(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors, *,
+          n_q: int = 24, refine: int = 1) -> Track:
+    """The population's single and binary tracks on the (refined) EEP nodes."""
+    table = popv["iso_table"]
+    bcs = popv.get("bc_slice")
+    n = table.values.shape[0]
+    eeps = table.eep0 + jnp.arange((n - 1) * refine + 1, dtype=table.values.dtype) / refine
+    lo, hi = table_eep_range(table)
+    props = jax.vmap(lambda e: table_interp(table, e, cubic=config.cubic))(eeps)
+    obs = jax.vmap(lambda pr: photometry(grid.bc, pr, popv["feh"], popv["distance_pc"],
+                                         popv["av_mag"], config.band_idx,
+                                         cubic=config.cubic, bcs=bcs))(props)
+    inside = (eeps >= lo) & (eeps <= hi) & obs.valid & jnp.all(jnp.isfinite(obs.mags), -1)
+    mags1 = jnp.where(inside[:, None], obs.mags, _BIG_MAG)
+    m = props.initial_mass
+    kw = _imf_kwargs(config, priors, popv)
+    m_mid = 0.5 * (m[1:] + m[:-1])
+    dm = jnp.maximum(m[1:] - m[:-1], 0.0)
+    seg_ok = inside[1:] & inside[:-1] & (m_mid >= priors.m_min)
+    m_hi = jnp.clip(jnp.max(jnp.where(inside, m, 0.0)), priors.m_min * 1.0001, priors.m_max)
+    log_z = jnp.log(jnp.maximum(imf_cdf(m_hi, **kw), 1e-12))
+    lw = log_imf(jnp.clip(m_mid, priors.m_min, priors.m_max), **kw) + jnp.log(
+        jnp.maximum(dm, 1e-12)) - log_z
+    log_w = jnp.where(seg_ok, lw, -jnp.inf)
+    mags_t = mags1[None]
+    smear = jnp.zeros_like(mags_t)
+    log_wq = jnp.zeros((0,), m.dtype)
+    if config.binaries:
+        edges, mids = q_bins(priors.q_min, n_q)
+        m_sorted = jnp.where(inside, m, jnp.where(eeps < lo, -1.0, 1e3))
+        m_low = jnp.min(jnp.where(inside, m, 1e3))
+
+        def pair(q):  # (K, B) magnitudes of primaries at every node with ratio q
+            m2 = q * m
+            lit = m2 >= m_low
+            mags2 = jax.vmap(lambda col: jnp.interp(m2, m_sorted, col), in_axes=1,
+                             out_axes=1)(mags1)
+            return _add_mags(mags1, mags2, lit[:, None])
+
+        mid_t = jax.vmap(pair)(mids)
+        edge_t = jax.vmap(pair)(edges)
+        c = (edge_t[1:] - edge_t[:-1]) / jnp.sqrt(12.0)
+        c = jnp.where(inside[None, :, None], c, 0.0)
+        mags_t = jnp.concatenate([mags_t, jnp.where(inside[None, :, None], mid_t,
+                                                    _BIG_MAG)], 0)
+        smear = jnp.concatenate([smear, c], 0)
+        log_wq = jnp.log((edges[1:] - edges[:-1]) / (1.0 - priors.q_min)).astype(m.dtype)
+    return Track(mags_t, smear, log_w, log_wq, m, props.log_teff, props.logg, eeps)
+
+
+def _star_segments(tr: Track, mag, mag_err, floor):
+    """Per-segment log integrals (T, K-1) of one star over every segment, with t* and A."""
+    ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
+    prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
+    y = jnp.where(ok, mag, 0.0)
+    mu0 = tr.mags[:, :-1]
+    delta = jnp.where(ok, tr.mags[:, 1:] - mu0, 0.0)
+    r0 = jnp.where(ok, y - mu0, 0.0)
+    li, t_star, a = segment_log_integral(r0, delta, prec, tr.smear[:, :-1])
+    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
+    terms = li + norm + tr.log_w[None, :]
+    return terms, t_star, a
+
+
+class Blocks(NamedTuple):
+    """Blocks of ``size`` consecutive segments of every track, by their chords (first to
+    last node) and smearing vector, for choosing per star the blocks that carry its
+    likelihood."""
+
+    start: jax.Array  # (T, C, B)
+    end: jax.Array  # (T, C, B)
+    smear: jax.Array  # (T, C, B)
+    any_valid: jax.Array  # (T, C)
+    size: int
+
+
+def blocks(tr: Track, size: int) -> Blocks:
+    """The chords of blocks of ``size`` segments (the last block padded with its end)."""
+    t, k, _ = tr.mags.shape
+    c = -(-(k - 1) // size)
+    pad = c * size + 1 - k
+    mags = jnp.pad(tr.mags, ((0, 0), (0, pad), (0, 0)), mode="edge")
+    w = jnp.pad(tr.log_w, (0, pad), constant_values=-jnp.inf)
+    first = jnp.arange(c) * size
+    idx = first[:, None] + jnp.arange(size)[None, :]
+    valid = jnp.any(jnp.isfinite(w[idx]), axis=1)
+    smear = jnp.pad(tr.smear, ((0, 0), (0, pad), (0, 0)), mode="edge")
+    return Blocks(mags[:, first], mags[:, first + size], smear[:, first + size // 2],
+                  jnp.broadcast_to(valid, (t, c)), size)
+
+
+def _star_segments_pruned(tr: Track, bl: Blocks, mag, mag_err, floor, n_blocks: int):
+    """Log integrals of one star over the segments of its ``n_blocks`` nearest blocks.
+
+    A block's score is the star's chi^2 to the nearest point of the block's chord (the
+    smeared precision of its bin); the blocks with the smallest scores are evaluated
+    exactly, segment by segment, the rest are neglected (``scripts/marginal_check.py``
+    measures what that costs). Returns (terms, t*, A, track index, first node) with terms
+    of shape (n_blocks, size).
+    """
+    ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
+    prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
+    y = jnp.where(ok, mag, 0.0)
+    r0 = jax.lax.stop_gradient(jnp.where(ok, y - bl.start, 0.0))
+    dl = jax.lax.stop_gradient(jnp.where(ok, bl.end - bl.start, 0.0))
+    sm = jax.lax.stop_gradient(bl.smear)
+    pc = prec * sm
+    den = 1.0 + jnp.sum(sm * pc, axis=-1)
+
+    def dot(x, z):
+        return jnp.sum(x * prec * z, axis=-1) - jnp.sum(x * pc, -1) * jnp.sum(z * pc, -1) / den
+
+    tt = jnp.clip(dot(dl, r0) / jnp.maximum(dot(dl, dl), 1e-12), 0.0, 1.0)
+    res = r0 - tt[..., None] * dl
+    bound = jnp.where(bl.any_valid, dot(res, res), jnp.inf)
+    n_c = bound.shape[1]
+    _, flat = jax.lax.top_k(-jax.lax.stop_gradient(bound).reshape(-1), n_blocks)
+    j, cb = flat // n_c, flat % n_c
+    size = bl.size
+    k_total = tr.mags.shape[1]
+    node = cb[:, None] * size + jnp.arange(size + 1)[None, :]  # (n_blocks, size + 1)
+    node_c = jnp.clip(node, 0, k_total - 1)
+    mg = tr.mags[j[:, None], node_c]  # (n_blocks, size + 1, B)
+    sm = tr.smear[j[:, None], node_c[:, :-1]]
+    seg = node[:, :-1]
+    lw = jnp.where(seg < k_total - 1, tr.log_w[jnp.clip(seg, 0, k_total - 2)], -jnp.inf)
+    mu0 = mg[:, :-1]
+    delta = jnp.where(ok, mg[:, 1:] - mu0, 0.0)
+    r0 = jnp.where(ok, y - mu0, 0.0)
+    li, t_star, a = segment_log_integral(r0, delta, prec, sm)
+    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
+    return li + norm + lw, t_star, a, j, seg
+
+
+class MarginalOptions(NamedTuple):
+    """Numerical settings of the marginal model (static: each changes the compiled graph).
+
+    n_q : mass-ratio bins (:func:`q_bins`)
+    refine : track nodes per grid EEP interval (1: the grid's nodes)
+    block : segments per block of the per-star pruning
+    n_blocks : blocks evaluated exactly per star when no fixed set is given (None: every
+        segment, no pruning); used while optimising the start
+    n_segments : size of the fixed per-star set of segments the sampler uses
+        (:func:`select_segments`)
+    n_select_draws, select_scale : the fixed set is chosen over the optimum and this many
+        draws from its Laplace approximation with sds times ``select_scale``
+    """
+
+    n_q: int = 24
+    refine: int = 1
+    block: int = 8
+    n_blocks: int | None = 16
+    n_segments: int = 192
+    n_select_draws: int = 24
+    select_scale: float = 2.0
+
+
+def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor):
+    """Log integrals of one star over a fixed set of segments (flat indices into the
+    (T, K - 1) segments, from :func:`select_segments`)."""
+    k1 = tr.mags.shape[1] - 1
+    j, seg = sel_i // k1, sel_i % k1
+    ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
+    prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
+    y = jnp.where(ok, mag, 0.0)
+    lw = tr.log_w[seg]
+    # invalid segments (weight -inf; the track's padding magnitudes): harmless inputs, so
+    # that no derivative of their (discarded) integral is NaN
+    use = (jnp.isfinite(lw)[:, None] & ok[None, :])
+    mu0 = tr.mags[j, seg]
+    delta = jnp.where(use, tr.mags[j, seg + 1] - mu0, jnp.where(ok, 0.1, 0.0))
+    r0 = jnp.where(use, y - mu0, 0.0)
+    sm = jnp.where(use, tr.smear[j, seg], 0.0)
+    li, t_star, a = segment_log_integral(r0, delta, prec, sm)
+    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
+    return jnp.where(jnp.isfinite(lw), li + norm + lw, -jnp.inf), j, seg, t_star, a
+
+
+#: the default :class:`MarginalOptions`
+DEFAULT_OPTIONS = MarginalOptions()
+
+
+def _star_items(tr: Track, data_i, priors: Priors, opts: MarginalOptions, sel_i=None):
+    """(terms, track index, segment index, t*, A) of one star, flat over the segments
+    evaluated (``sel_i``: a fixed set; else the nearest blocks, or every segment);
+    terms = log segment integral + log IMF weight (not yet the class and q weights)."""
+    mag, mag_err = data_i[0], data_i[1]
+    if sel_i is not None:
+        return _star_segments_selected(tr, sel_i, mag, mag_err, priors.mag_floor)
+    if opts.n_blocks is None:
+        terms, t_star, a = _star_segments(tr, mag, mag_err, priors.mag_floor)
+        t, k1 = terms.shape
+        j = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k1))
+        seg = jnp.broadcast_to(jnp.arange(k1)[None, :], (t, k1))
+        return terms.reshape(-1), j.reshape(-1), seg.reshape(-1), t_star.reshape(-1), \
+            a.reshape(-1)
+    bl = blocks(tr, opts.block)
+    n_blocks = min(opts.n_blocks, bl.any_valid.size)
+    terms, t_star, a, j, seg = _star_segments_pruned(tr, bl, mag, mag_err, priors.mag_floor,
+                                                     n_blocks)
+    j = jnp.broadcast_to(j[:, None], seg.shape)
+    return terms.reshape(-1), j.reshape(-1), seg.reshape(-1), t_star.reshape(-1), \
+        a.reshape(-1)
+
+
+def _logsumexp(x):
+    """logsumexp that is -inf with a zero (not NaN) gradient when every entry is -inf."""
+    m = jnp.max(x)
+    ok = jnp.isfinite(m)
+    return jnp.where(ok, jax.nn.logsumexp(jnp.where(ok, x, 0.0)), -jnp.inf)
+
+
+def _weighted_items(terms, j, tr: Track, popv: dict, config: ModelConfig):
+    """Item log weights with the class prior: log(1 - f_bin) on singles, log f_bin +
+    log w_q on binaries (no binaries: singles only)."""
+    single = j == 0
+    if not config.binaries:
+        return jnp.where(single, terms, -jnp.inf)
+    f = popv["f_bin"]
+    wq = tr.log_wq[jnp.clip(j - 1, 0, tr.log_wq.shape[0] - 1)]
+    return jnp.where(single, jnp.log1p(-f) + terms, jnp.log(f) + wq + terms)
+
+
+def star_log_likelihoods(tr: Track, popv: dict, data_i, config: ModelConfig,
+                         priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS,
+                         sel_i=None):
+    """(ll_single, ll_binary, ll_field, log_w_member, log_w_field) of one star: mass and q
+    integrated out; the member parallax term is included in both member likelihoods."""
+    plx, plx_err = data_i[2], data_i[3]
+    terms, j, _, _, _ = _star_items(tr, data_i, priors, opts, sel_i)
+    ll_s = _logsumexp(jnp.where(j == 0, terms, -jnp.inf))
+    ll_plx = _log_normal_parallax(plx, plx_err, 1000.0 / popv["distance_pc"]
+                                  + popv["parallax_zp_mas"], 0.0)
+    ll_s = ll_s + ll_plx
+    ll_b = jnp.full_like(ll_s, -jnp.inf)
+    if config.binaries:
+        wq = tr.log_wq[jnp.clip(j - 1, 0, tr.log_wq.shape[0] - 1)]
+        ll_b = _logsumexp(jnp.where(j > 0, terms + wq, -jnp.inf)) + ll_plx
+    ll_f = jnp.zeros_like(ll_s)
+    lw_m, lw_f = jnp.zeros_like(ll_s), jnp.full_like(ll_s, -jnp.inf)
+    if config.field:
+        ll_f = data_i[4] + _log_normal_parallax(plx, plx_err, popv["field_parallax_mas"],
+                                                popv["field_parallax_sd_mas"])
+        odds = jnp.log1p(-popv["f_field"]) - jnp.log(popv["f_field"])
+        if len(data_i) > 5 and data_i[5] is not None:
+            odds = odds + data_i[5]
+        lw_m, lw_f = jax.nn.log_sigmoid(odds), jax.nn.log_sigmoid(-odds)
+    return ll_s, ll_b, ll_f, lw_m, lw_f
+
+
+def _member_ll(ll_s, ll_b, popv, config):
+    if config.binaries:
+        f = popv["f_bin"]
+        ll = jnp.logaddexp(jnp.log1p(-f) + ll_s, jnp.log(f) + ll_b)
+    else:
+        ll = ll_s
+    if config.selection:
+        ll = ll - popv["log_p_detect"]
+    return ll
+
+
+def check_config(config: ModelConfig):
+    """The marginal model needs the pooled, zero-width configuration."""
+    if not config.pooled:
+        raise ValueError("the marginal model is pooled only (use the latent model, "
+                         "clusterhbm.model, for the unpooled fit)")
+    if any(config.fit_widths):
+        raise ValueError("the marginal model fits no widths: every member shares the "
+                         "cluster's age, [Fe/H], distance and A_V (fit_widths must be all "
+                         f"False, got {config.fit_widths}); the latent model fits widths")
+
+
+def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
+                         priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS,
+                         per_star: bool = False, sel=None):
+    """log p(phi | D) up to a constant, every star's mass (and q) integrated out
+    (``per_star``: the (N,) star terms instead of the total; ``sel``: (N, S) segments per
+    star from :func:`select_segments`, else chosen per evaluation, see
+    :class:`MarginalOptions`)."""
+    lp = log_prior_population(pop, config, priors, grid)
+    # outside the grid (prior -inf) evaluate at the clipped point, so that the gradient of
+    # the -inf result is finite (zero), never NaN
+    iso = grid.iso
+    safe = dict(pop)
+    safe["log_age"] = jnp.clip(pop["log_age"], iso.log_age[0], iso.log_age[-1])
+    safe["feh"] = jnp.clip(pop["feh"], iso.feh[0], iso.feh[-1])
+    safe["ln_distance_pc"] = jnp.clip(pop["ln_distance_pc"], jnp.log(priors.distance_pc_min),
+                                      jnp.log(priors.distance_pc_max))
+    safe["av_raw"] = jnp.clip(pop["av_raw"], -5.0, priors.av_max)
+    popv = population_state(safe, config, priors, grid)
+    tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+
+    def one(data_i, sel_i):
+        ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
+                                                            opts, sel_i)
+        ll_m = _member_ll(ll_s, ll_b, popv, config)
+        if config.field:
+            return jnp.logaddexp(lw_m + ll_m, lw_f + ll_f)
+        return ll_m
+
+    stars = jax.vmap(one)(tuple(data), sel)
+    if per_star:
+        return stars
+    ok = jnp.isfinite(lp) & popv["iso_table"].inside & jnp.any(jnp.isfinite(tr.log_w))
+    total = jnp.where(ok, lp, 0.0) + jnp.sum(stars)
+    return jnp.where(ok & jnp.isfinite(total), total, -jnp.inf)
+
+
+def make_marginal_logdensity_fn(data: StarData, grid: ModelGrid, config: ModelConfig,
+                                priors: Priors | None = None,
+                                opts: MarginalOptions = DEFAULT_OPTIONS, sel=None):
+    """``logdensity_fn(position)`` with ``position = {"pop": {...}}`` for BlackJAX
+    (``sel``: fixed segments per star, :func:`select_segments`)."""
+    priors = Priors() if priors is None else priors
+    check_config(config)
+    if config.field and data.log_field_mag is None:
+        raise ValueError("ModelConfig(field=True) needs StarData.log_field_mag (see "
+                         "clusterhbm.field.field_photometry_log_density)")
+
+    def logdensity_fn(position):
+        return log_density_marginal(position["pop"], data, grid, config, priors, opts,
+                                    sel=sel)
+
+    return logdensity_fn
+
+
+def _uniform_from_bits(x, n):
+    """n x 2 pseudo-random uniforms seeded by the bits of a float array (deterministic per
+    draw: the transform of a draw has no key of its own)."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    key = jax.random.fold_in(jax.random.key(0), jnp.sum(bits))
+    return jax.random.uniform(key, (n, 2))
+
+
+def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
+                      priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS, sel=None):
+    """Per-draw results (pure; the sampler's transform): ``{"pop": ..., "star": ...}``.
+
+    ``pop``: the physical population values (and ``n_members``, ``p_detect``); ``star``:
+    per star ``p_member``, ``p_binary`` (given membership), and the primary's
+    ``mass_msun``, ``teff_k``, ``logg``, ``eep`` drawn from its conditional given phi as a
+    member
+    (a segment by its posterior weight, the position in it from the truncated Gaussian).
+    """
+    popv = population_state(pop, config, priors, grid)
+    tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+    n = data.mag.shape[0]
+    u = _uniform_from_bits(jnp.stack([jnp.asarray(pop[k], jnp.float32)
+                                      for k in sorted(pop)]), n)
+
+    def one(data_i, u_i, sel_i):
+        terms, j, seg, t_star, a = _star_items(tr, data_i, priors, opts, sel_i)
+        w = _weighted_items(terms, j, tr, popv, config)
+        ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
+                                                            opts, sel_i)
+        if config.binaries:
+            f = popv["f_bin"]
+            a_b = jnp.log(f) + ll_b
+            p_bin = jnp.exp(a_b - jnp.logaddexp(a_b, jnp.log1p(-f) + ll_s))
+        else:
+            p_bin = jnp.zeros_like(ll_s)
+        ll_m = _member_ll(ll_s, ll_b, popv, config)
+        if config.field:
+            am = lw_m + ll_m
+            p_mem = jnp.exp(am - jnp.logaddexp(am, lw_f + ll_f))
+        else:
+            p_mem = jnp.ones_like(ll_s)
+        cdf = jnp.cumsum(jax.nn.softmax(w))
+        idx = jnp.clip(jnp.searchsorted(cdf, u_i[0] * cdf[-1]), 0, w.shape[0] - 1)
+        k = seg[idx]
+        ts, aa = t_star[idx], a[idx]
+        sd = 1.0 / jnp.sqrt(aa)
+        lo_p, hi_p = ndtr((0.0 - ts) / sd), ndtr((1.0 - ts) / sd)
+        uu = jnp.clip(lo_p + u_i[1] * (hi_p - lo_p), 1e-7, 1.0 - 1e-7)
+        t = jnp.clip(ts + sd * ndtri(uu), 0.0, 1.0)
+        t = jnp.where(hi_p - lo_p > 1e-6, t, u_i[1])
+
+        def at(col):
+            return col[k] + t * (col[k + 1] - col[k])
+
+        return {"p_member": p_mem, "p_binary": p_bin, "mass_msun": at(tr.mass),
+                "teff_k": 10.0 ** at(tr.log_teff), "logg": at(tr.logg), "eep": at(tr.eep)}
+
+    stars = jax.vmap(one)(tuple(data), u, sel)
+    if not config.field:
+        stars.pop("p_member")
+    if not config.binaries:
+        stars.pop("p_binary")
+    out = {k: popv[k] for k in ("log_age", "feh", "distance_pc", "av_mag")}
+    if config.fit_parallax_zp:
+        out["parallax_zp_mas"] = popv["parallax_zp_mas"]
+    for k in ("f_bin", "f_field", "mf_slope", "field_parallax_mas", "field_parallax_sd_mas"):
+        if k in popv:
+            out[k] = popv[k]
+    if config.field:
+        out["n_members"] = jnp.sum(stars["p_member"])
+    if config.selection:
+        out["p_detect"] = jnp.exp(popv["log_p_detect"])
+    return {"pop": out, "star": stars}
+
+
+def select_segments(pops, data: StarData, grid: ModelGrid, config: ModelConfig,
+                    priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS,
+                    n_segments: int = 192, batch: int = 64, n_candidate_blocks: int = 64):
+    """Per star, the ``n_segments`` segments (flat indices into the (T, K - 1) segments of
+    the tracks) that carry most of its member likelihood at any of the population
+    states ``pops`` (a pytree of unconstrained population positions with a leading axis).
+
+    At every state each star's ``n_candidate_blocks`` nearest blocks (by chord distance,
+    as :class:`MarginalOptions` ``n_blocks``) are evaluated exactly; every segment is
+    ranked by its largest weighted term over the states. A fit picks states around its
+    optimum, so the fixed set holds each star's likelihood wherever the chains go, and
+    the density the sampler sees is smooth (a set chosen anew at every evaluation jumps
+    when it changes). Returns (N, S) int32.
+    """
+    n_tracks = 1 + (opts.n_q if config.binaries else 0)
+    cand = opts._replace(n_blocks=n_candidate_blocks)
+
+    @jax.jit
+    def rank(data_b, pops):
+        def one_state(pop, data_i):
+            popv = population_state(pop, config, priors, grid)
+            tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+            terms, j, seg, _, _ = _star_items(tr, data_i, priors, cand)
+            w = _weighted_items(terms, j, tr, popv, config)
+            idx = j * (tr.mags.shape[1] - 1) + seg
+            if n_tracks > 1:
+                # the single track's own nearest blocks: for a star far above the
+                # isochrone (a blue straggler) every nearest block is a binary one
+                tr1 = tr._replace(mags=tr.mags[:1], smear=tr.smear[:1])
+                t1, j1, s1, _, _ = _star_items(tr1, data_i, priors,
+                                               cand._replace(n_blocks=max(
+                                                   n_candidate_blocks // 4, 1)))
+                w1 = _weighted_items(t1, j1, tr, popv, config)
+                idx = jnp.concatenate([idx, s1])
+                w = jnp.concatenate([w, w1])
+            return idx, w
+
+        def one(data_i):
+            return jax.vmap(one_state, in_axes=(0, None))(pops, data_i)
+
+        return jax.vmap(one)(data_b)
+
+    k1 = (grid.iso.eep.shape[0] - 1) * opts.refine
+    n_all = n_tracks * k1
+
+    def top(idx, w):
+        best = jnp.full((n_all,), -jnp.inf).at[idx.reshape(-1)].max(w.reshape(-1))
+        if n_tracks == 1:
+            return jax.lax.top_k(best, min(n_segments, n_all))[1].astype(jnp.int32)
+        # quotas: the single track's own quarter, so that the many near-identical low-q
+        # binary segments cannot crowd out a single star's
+        n1 = min(max(n_segments // 4, 1), k1)
+        i1 = jax.lax.top_k(best[:k1], n1)[1]
+        i2 = jax.lax.top_k(best[k1:], min(n_segments - n1, n_all - k1))[1] + k1
+        return jnp.concatenate([i1, i2]).astype(jnp.int32)
+
+    top_b = jax.jit(jax.vmap(top))
+    n = data.mag.shape[0]
+    out = []
+    for i0 in range(0, n, batch):
+        part = jax.tree.map(lambda x, i0=i0: x[i0:i0 + batch], tuple(data))
+        m = part[0].shape[0]
+        if m < batch:  # pad: one compiled shape
+            part = jax.tree.map(lambda x, m=m: jnp.concatenate(
+                [x, jnp.repeat(x[-1:], batch - m, 0)]), part)
+        idx, w = rank(part, pops)
+        out.append(top_b(idx, w)[:m])
+    return jnp.concatenate(out, axis=0)
