@@ -1,4 +1,5 @@
-"""Does NUTS mix on the real-cluster mixture model? (issue 5; the answer so far is no.)
+"""Does NUTS mix on the real-cluster mixture model? (issue 5: not with latent masses; yes
+with every star's mass and q integrated out, ``--marginal``.)
 
 A 90-star M67-like mock with 30% unresolved binaries and 20% field stars (seed 5), fitted
 at short settings (2 chains x (150 + 100), tree depth <= 6, started at the true age) with
@@ -6,6 +7,10 @@ the field mixture and the selection function, with or without binaries:
 
     python scripts/mixture_mixing_check.py            # binaries, field, selection
     python scripts/mixture_mixing_check.py --no-binaries
+    python scripts/mixture_mixing_check.py --marginal --warmup 200 --samples 200 --depth 8
+
+Measured: latent model R-hat ~2, 98-100% tree-depth hits; marginal model R-hat <= 1.022,
+bulk ESS 337-594 of 400 draws, 0 divergences, 7.5 leapfrog steps per draw, 196 s.
 
 Prints the summary table, the adapted step size, the tree-depth hits and each chain's
 mean and sd of f_field, so that stuck chains show as different means with tiny sds.
