@@ -839,7 +839,6 @@ def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-
     vg = jax.jit(jax.value_and_grad(loss))
     hess = jax.jit(jax.hessian(loss))
     x = flat
-    l0 = f, g = None, None
     f, g = vg(x)
     f, g = float(f), np.asarray(g, float)
     l0 = f

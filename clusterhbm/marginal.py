@@ -82,6 +82,7 @@ from .model import (
     _add_mags,
     _imf_kwargs,
     _log_normal_parallax,
+    field_terms,
     log_prior_population,
     population_state,
 )
@@ -247,16 +248,23 @@ def track(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors, *,
     return Track(mags_t, smear, log_w, log_wq, m, props.log_teff, props.logg, eeps)
 
 
-def _star_segments(tr: Track, mag, mag_err, floor):
-    """Per-segment log integrals (T, K-1) of one star over every segment, with t* and A."""
+def _star_precision(mag, mag_err, floor):
+    """(observed mask, precision 1/(err^2 + floor^2) (0 if missing), data (0 if missing),
+    the Gaussian's log normalisation) of one star's bands."""
     ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
     prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
     y = jnp.where(ok, mag, 0.0)
+    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
+    return ok, prec, y, norm
+
+
+def _star_segments(tr: Track, mag, mag_err, floor):
+    """Per-segment log integrals (T, K-1) of one star over every segment, with t* and A."""
+    ok, prec, y, norm = _star_precision(mag, mag_err, floor)
     mu0 = tr.mags[:, :-1]
     delta = jnp.where(ok, tr.mags[:, 1:] - mu0, 0.0)
     r0 = jnp.where(ok, y - mu0, 0.0)
     li, t_star, a = segment_log_integral(r0, delta, prec, tr.smear[:, :-1])
-    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
     terms = li + norm + tr.log_w[None, :]
     return terms, t_star, a
 
@@ -297,9 +305,7 @@ def _star_segments_pruned(tr: Track, bl: Blocks, mag, mag_err, floor, n_blocks: 
     measures what that costs). Returns (terms, t*, A, track index, first node) with terms
     of shape (n_blocks, size).
     """
-    ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
-    prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
-    y = jnp.where(ok, mag, 0.0)
+    ok, prec, y, norm = _star_precision(mag, mag_err, floor)
     r0 = jax.lax.stop_gradient(jnp.where(ok, y - bl.start, 0.0))
     dl = jax.lax.stop_gradient(jnp.where(ok, bl.end - bl.start, 0.0))
     sm = jax.lax.stop_gradient(bl.smear)
@@ -327,7 +333,6 @@ def _star_segments_pruned(tr: Track, bl: Blocks, mag, mag_err, floor, n_blocks: 
     delta = jnp.where(ok, mg[:, 1:] - mu0, 0.0)
     r0 = jnp.where(ok, y - mu0, 0.0)
     li, t_star, a = segment_log_integral(r0, delta, prec, sm)
-    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
     return li + norm + lw, t_star, a, j, seg
 
 
@@ -359,9 +364,7 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor):
     (T, K - 1) segments, from :func:`select_segments`)."""
     k1 = tr.mags.shape[1] - 1
     j, seg = sel_i // k1, sel_i % k1
-    ok = jnp.isfinite(mag) & jnp.isfinite(mag_err)
-    prec = jnp.where(ok, 1.0 / (jnp.where(ok, mag_err, 1.0) ** 2 + floor ** 2), 0.0)
-    y = jnp.where(ok, mag, 0.0)
+    ok, prec, y, norm = _star_precision(mag, mag_err, floor)
     lw = tr.log_w[seg]
     # invalid segments (weight -inf; the track's padding magnitudes): harmless inputs, so
     # that no derivative of their (discarded) integral is NaN
@@ -371,7 +374,6 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor):
     r0 = jnp.where(use, y - mu0, 0.0)
     sm = jnp.where(use, tr.smear[j, seg], 0.0)
     li, t_star, a = segment_log_integral(r0, delta, prec, sm)
-    norm = -0.5 * jnp.sum(jnp.where(ok, _LOG_2PI - jnp.log(jnp.where(ok, prec, 1.0)), 0.0))
     return jnp.where(jnp.isfinite(lw), li + norm + lw, -jnp.inf), j, seg, t_star, a
 
 
@@ -420,31 +422,26 @@ def _weighted_items(terms, j, tr: Track, popv: dict, config: ModelConfig):
     return jnp.where(single, jnp.log1p(-f) + terms, jnp.log(f) + wq + terms)
 
 
+def _likelihoods(items, tr: Track, popv: dict, data_i, config: ModelConfig):
+    """(ll_single, ll_binary, ll_field, log_w_member, log_w_field) from a star's items."""
+    terms, j = items[0], items[1]
+    ll_plx = _log_normal_parallax(data_i[2], data_i[3], 1000.0 / popv["distance_pc"]
+                                  + popv["parallax_zp_mas"], 0.0)
+    ll_s = _logsumexp(jnp.where(j == 0, terms, -jnp.inf)) + ll_plx
+    ll_b = jnp.full_like(ll_s, -jnp.inf)
+    if config.binaries:
+        wq = tr.log_wq[jnp.clip(j - 1, 0, tr.log_wq.shape[0] - 1)]
+        ll_b = _logsumexp(jnp.where(j > 0, terms + wq, -jnp.inf)) + ll_plx
+    return (ll_s, ll_b) + field_terms(popv, data_i, config, jnp.zeros_like(ll_s))
+
+
 def star_log_likelihoods(tr: Track, popv: dict, data_i, config: ModelConfig,
                          priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS,
                          sel_i=None):
     """(ll_single, ll_binary, ll_field, log_w_member, log_w_field) of one star: mass and q
     integrated out; the member parallax term is included in both member likelihoods."""
-    plx, plx_err = data_i[2], data_i[3]
-    terms, j, _, _, _ = _star_items(tr, data_i, priors, opts, sel_i)
-    ll_s = _logsumexp(jnp.where(j == 0, terms, -jnp.inf))
-    ll_plx = _log_normal_parallax(plx, plx_err, 1000.0 / popv["distance_pc"]
-                                  + popv["parallax_zp_mas"], 0.0)
-    ll_s = ll_s + ll_plx
-    ll_b = jnp.full_like(ll_s, -jnp.inf)
-    if config.binaries:
-        wq = tr.log_wq[jnp.clip(j - 1, 0, tr.log_wq.shape[0] - 1)]
-        ll_b = _logsumexp(jnp.where(j > 0, terms + wq, -jnp.inf)) + ll_plx
-    ll_f = jnp.zeros_like(ll_s)
-    lw_m, lw_f = jnp.zeros_like(ll_s), jnp.full_like(ll_s, -jnp.inf)
-    if config.field:
-        ll_f = data_i[4] + _log_normal_parallax(plx, plx_err, popv["field_parallax_mas"],
-                                                popv["field_parallax_sd_mas"])
-        odds = jnp.log1p(-popv["f_field"]) - jnp.log(popv["f_field"])
-        if len(data_i) > 5 and data_i[5] is not None:
-            odds = odds + data_i[5]
-        lw_m, lw_f = jax.nn.log_sigmoid(odds), jax.nn.log_sigmoid(-odds)
-    return ll_s, ll_b, ll_f, lw_m, lw_f
+    return _likelihoods(_star_items(tr, data_i, priors, opts, sel_i), tr, popv, data_i,
+                        config)
 
 
 def _member_ll(ll_s, ll_b, popv, config):
@@ -548,10 +545,10 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
                                       for k in sorted(pop)]), n)
 
     def one(data_i, u_i, sel_i):
-        terms, j, seg, t_star, a = _star_items(tr, data_i, priors, opts, sel_i)
+        items = _star_items(tr, data_i, priors, opts, sel_i)
+        terms, j, seg, t_star, a = items
         w = _weighted_items(terms, j, tr, popv, config)
-        ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
-                                                            opts, sel_i)
+        ll_s, ll_b, ll_f, lw_m, lw_f = _likelihoods(items, tr, popv, data_i, config)
         if config.binaries:
             f = popv["f_bin"]
             a_b = jnp.log(f) + ll_b

@@ -442,6 +442,22 @@ class StarTerms(NamedTuple):
     q: jax.Array
 
 
+def field_terms(popv: dict, data_i, config: ModelConfig, zero):
+    """(ll_field, log_w_member, log_w_field) of one star: its field likelihood (photometry
+    ``data_i[4]``, parallax) and the two components' log prior weights (the population's
+    field fraction times the star's astrometric odds ``data_i[5]``, if any); without
+    ``field``, (0, 0, -inf). ``zero``: a zero of the result's shape and dtype."""
+    if not config.field:
+        return zero, zero, jnp.full_like(zero, -jnp.inf)
+    plx, plx_err = data_i[2], data_i[3]
+    ll_f = data_i[4] + _log_normal_parallax(plx, plx_err, popv["field_parallax_mas"],
+                                            popv["field_parallax_sd_mas"])
+    odds = jnp.log1p(-popv["f_field"]) - jnp.log(popv["f_field"])
+    if len(data_i) > 5 and data_i[5] is not None:
+        odds = odds + data_i[5]
+    return ll_f, jax.nn.log_sigmoid(odds), jax.nn.log_sigmoid(-odds)
+
+
 def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelConfig,
                priors: Priors) -> StarTerms:
     """The log-density pieces of one star (pure; vmap over stars)."""
@@ -473,15 +489,7 @@ def star_terms(star: dict, popv: dict, data_i, grid: ModelGrid, config: ModelCon
         ll_m = jnp.logaddexp(jnp.log1p(-f) + ll_s, jnp.log(f) + ll_b)
     if config.selection:
         ll_m = ll_m - popv["log_p_detect"]
-    ll_f = zero
-    lw_m, lw_f = zero, jnp.full_like(zero, -jnp.inf)
-    if config.field:
-        ll_f = data_i[4] + _log_normal_parallax(plx, plx_err, popv["field_parallax_mas"],
-                                                popv["field_parallax_sd_mas"])
-        odds = jnp.log1p(-popv["f_field"]) - jnp.log(popv["f_field"])
-        if len(data_i) > 5 and data_i[5] is not None:
-            odds = odds + data_i[5]
-        lw_m, lw_f = jax.nn.log_sigmoid(odds), jax.nn.log_sigmoid(-odds)
+    ll_f, lw_m, lw_f = field_terms(popv, data_i, config, zero)
     valid = obs.valid & ok & jnp.isfinite(log_prior)
     return StarTerms(log_prior, ll_s, ll_b, ll_m, ll_f, lw_m, lw_f, valid, q)
 
