@@ -423,3 +423,53 @@ def test_bc_slice_equals_direct_interpolation(cubic):
             gb = jax.grad(total(sliced), argnums=(0, 1, 2, 3))(feh, av, teff, logg)
             for x, y in zip(ga, gb):
                 np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-9)
+
+
+def test_edge_metallicity_extension_predicts_hidden_rows():
+    """The [Fe/H] = +0.5 isochrones lack the lower main sequence; the loader extends them
+    from +0.25 and 0.0. Hide the first 20 real rows of every +0.5 isochrone at log age >= 8,
+    extend, and compare with the hidden truth."""
+    from clusterhbm.grid import _extend_edge_metallicity, _read_file
+
+    raw = _read_file(default_grid_path())
+    data = raw["iso_data"].astype(np.float64)
+    ok = np.isfinite(data[..., 0])
+    hidden = data.copy()
+    cases = []
+    for k in np.flatnonzero(raw["iso_log_age"] >= 8.0):
+        e0 = int(np.argmax(ok[-1, k]))
+        hidden[-1, k, e0:e0 + 20] = np.nan
+        cases.append((k, e0))
+    ext, n_added = _extend_edge_metallicity(hidden, np.asarray(raw["iso_feh"], float))
+    assert n_added >= 20 * len(cases)
+    err = np.array([np.abs(ext[-1, k, e0:e0 + 20, :5] - data[-1, k, e0:e0 + 20, :5])
+                    for k, e0 in cases])  # (n_age, 20, 5)
+    med = np.median(err, axis=(0, 1))
+    p95 = np.percentile(err, 95, axis=(0, 1))
+    # initial mass [Msun], current mass, log Teff, log g, log L
+    assert med[0] < 0.01 and med[2] < 0.003 and med[4] < 0.02, med
+    assert p95[0] < 0.05 and p95[2] < 0.015 and p95[4] < 0.1, p95
+    # real rows are untouched, and the extension increases in mass along EEP
+    ext_all, _ = _extend_edge_metallicity(data, np.asarray(raw["iso_feh"], float))
+    np.testing.assert_array_equal(ext_all[ok], data[ok])
+    ok_ext = np.isfinite(ext_all[..., 0])
+    for k in range(data.shape[1]):
+        m = ext_all[-1, k, ok_ext[-1, k], 0]
+        e0 = int(np.argmax(ok[-1, k]))
+        n_new = int(ok_ext[-1, k].sum() - ok[-1, k].sum())
+        assert np.all(np.diff(m[:n_new + 1]) > 0), k
+        assert n_new == 0 or e0 > 0
+
+
+def test_no_validity_wall_at_feh_node(grid):
+    """The first valid EEP of the interpolated isochrone moves by a few rows, not ~60, as
+    [Fe/H] crosses the +0.25 node (the +0.5 isochrones' lower main sequence is extended)."""
+    from clusterhbm.isochrone import isochrone_table
+
+    for log_age in (8.5, 9.55, 10.0):
+        below = isochrone_table(grid.iso, log_age, 0.2499)
+        above = isochrone_table(grid.iso, log_age, 0.2501)
+        assert int(above.lo) - int(below.lo) <= 4, (log_age, int(below.lo), int(above.lo))
+        # a 0.3 Msun dwarf is on the grid at [Fe/H] +0.4
+        props = clusterhbm.isochrone.interp_mass(grid.iso, 0.3, log_age, 0.4)
+        assert bool(props.valid) and np.isfinite(float(props.log_teff))
