@@ -866,7 +866,8 @@ def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-
                 improved = True
                 break
             lam *= 4.0
-        if not improved or float(np.sqrt(g @ np.linalg.solve(h + 1e-6 * np.diag(d), g))
+        # Newton decrement (abs: the Hessian of the last step need not be definite)
+        if not improved or float(np.sqrt(abs(g @ np.linalg.solve(h + 1e-6 * np.diag(d), g)))
                                  if np.all(np.isfinite(g)) else np.inf) < tol:
             break
     log.info("Newton: -log density %.2f -> %.2f in %d steps, |gradient| %.3g", l0, f,

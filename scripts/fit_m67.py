@@ -4,6 +4,8 @@
     python scripts/fit_m67.py --cubic --widths distance_pc --chains 4 --warmup 1000 \
         --samples 1000
     python scripts/fit_m67.py --cubic --marginal --chains 4 --warmup 500 --samples 500
+    python scripts/fit_m67.py --cubic --marginal --chains 4 --warmup 500 --samples 500 \
+        --priors docs/priors_m67_spectroscopic.toml --json benchmarks/results/m67_fit_feh.json
 
 Binaries, the field/outlier mixture, the selection function (G limit = the catalogue's
 faintest star) and the mass-function slope are on; the literature ``member`` column is used
@@ -22,7 +24,7 @@ import time
 import numpy as np
 
 from clusterhbm.catalogue import read_catalogue
-from clusterhbm.fit import fit_cluster
+from clusterhbm.fit import fit_cluster, priors_from_toml
 from clusterhbm.marginal import MarginalOptions
 
 DEFAULT = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clusters"
@@ -74,6 +76,9 @@ def main(argv=None):
     p.add_argument("--n-q", type=int, default=24, help="mass-ratio bins (--marginal)")
     p.add_argument("--n-segments", type=int, default=192,
                    help="fixed segments per star (--marginal)")
+    p.add_argument("--priors", default=None,
+                   help="TOML file of hyperpriors (e.g. docs/priors_m67_spectroscopic.toml: "
+                        "the spectroscopic [Fe/H])")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--chunk-size", type=int, default=50)
     p.add_argument("-o", "--output", default="/tmp/m67_fit.h5")
@@ -92,6 +97,7 @@ def main(argv=None):
                       seed=a.seed, fit_widths=fit_widths, binaries=True, field=True,
                       selection=True, g_lim=a.g_lim, fit_mf_slope=not a.no_mf_slope,
                       cubic=a.cubic, progress=True,
+                      priors=priors_from_toml(a.priors) if a.priors else None,
                       checkpoint=a.checkpoint, chunk_size=a.chunk_size, marginal=a.marginal,
                       marginal_options=MarginalOptions(n_q=a.n_q, n_segments=a.n_segments))
     wall = time.perf_counter() - t0

@@ -7,7 +7,10 @@ population parameter, R-hat, ESS, divergences and wall time, and writes JSON rec
 
     python scripts/recovery_study.py [--n-stars 500] [--chains 4] [--warmup 1000]
         [--samples 1000] [--cases a,b,c,d] [--widths both|zero|nonzero] [--seeds 1]
-        [--cubic] [--metric dense|diag] [--max-doublings 10] [--batch]
+        [--cubic] [--metric dense|diag] [--max-doublings 10] [--batch] [--marginal]
+
+``--marginal`` fits the population-only model (:mod:`clusterhbm.marginal`: every star's
+mass integrated out); it fits no widths, so it runs the zero-width mocks only.
 
 ``--batch`` fits all mocks of one width setting in one compiled program
 (:func:`clusterhbm.parallel.fit_many`, vmapped over clusters: each NUTS step waits for the
@@ -93,8 +96,12 @@ def main(argv=None):
     p.add_argument("--n-starts", type=int, default=5)
     p.add_argument("--batch", action="store_true",
                    help="fit all mocks of a width setting together with fit_many")
+    p.add_argument("--marginal", action="store_true",
+                   help="population-only model (zero widths only)")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
     a = p.parse_args(argv)
+    if a.marginal and a.widths != "zero":
+        p.error("--marginal fits no widths: use --widths zero")
     rows = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +139,7 @@ def main(argv=None):
                               num_samples=a.samples, seed=seed, fit_widths=wide,
                               cubic=a.cubic, n_starts=a.n_starts,
                               dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
-                              truth=t)
+                              truth=t, marginal=a.marginal)
             rows.append(row_of(res, case, wide, seed, a.n_stars, t,
                                time.perf_counter() - t0, a.chains, a.samples))
             save()
