@@ -213,6 +213,31 @@ def test_fixed_segments_equal_every_segment_near_the_reference(grid, mixture_moc
     assert all(np.isfinite(float(x)) for x in g["pop"].values())
 
 
+def test_photometric_distance_without_parallaxes(grid):
+    """A catalogue without parallax columns fits on photometry alone (issue 5, item 6):
+    every star's term is finite, and along distance (the rest at the truth) the marginal
+    log density peaks at the true distance and falls off on both sides."""
+    sim = simulate_cluster(ClusterParams(**POP), n_stars=60, seed=11, grid=grid)
+    cat = sim.catalogue.copy()
+    cat.remove_columns(["parallax", "parallax_error"])
+    fd = prepare_data(cat, member_prob_column=None)
+    assert np.all(np.isnan(np.asarray(fd.data.parallax_mas)))
+    cfg = _config(cubic=False)
+    pri = Priors()
+    opts = MarginalOptions(n_blocks=None)
+    f = jax.jit(lambda pop: log_density_marginal(pop, fd.data, grid, cfg, pri, opts,
+                                                 per_star=True))
+    factors = (0.9, 0.95, 0.98, 1.0, 1.02, 1.05, 1.1)
+    totals = []
+    for fac in factors:
+        per = np.asarray(f(pop_to_unconstrained({**POP, "distance_pc": 850.0 * fac}, cfg)))
+        assert np.all(np.isfinite(per))
+        totals.append(per.sum())
+    best = int(np.argmax(totals))
+    assert factors[best] in (0.98, 1.0, 1.02), dict(zip(factors, np.round(totals, 1)))
+    assert totals[0] < totals[best] - 50 and totals[-1] < totals[best] - 50
+
+
 def test_marginal_config_rejects_widths():
     with pytest.raises(ValueError, match="fits no widths"):
         check_config(ModelConfig(band_idx=GAIA, fit_widths=(False, False, True, False)))
