@@ -72,7 +72,8 @@ def plot_cmd(catalogue, *, truth=None, member_prob=None, binary_prob=None,
         Posterior membership / binary probabilities: colour and marker edges.
     isochrones : sequence of dicts, optional
         Each ``{"log_age":..., "feh":..., "distance_pc":..., "av_mag":..., "label":...,
-        "color":..., "alpha":..., "lw":...}`` drawn as a line (e.g. posterior draws).
+        "color":..., "alpha":..., "lw":..., "ls":...}`` drawn as a line (e.g. posterior
+        draws).
     """
     with plt.rc_context(STYLE):
         if ax is None:
@@ -113,8 +114,9 @@ def plot_cmd(catalogue, *, truth=None, member_prob=None, binary_prob=None,
             color = kw.pop("color", "tab:red")
             alpha = kw.pop("alpha", 1.0)
             lw = kw.pop("lw", 1.0)
+            ls = kw.pop("ls", "-")
             x, y, _ = isochrone_curve(**kw)
-            ax.plot(x, y, color=color, alpha=alpha, lw=lw, label=label)
+            ax.plot(x, y, color=color, alpha=alpha, lw=lw, ls=ls, label=label)
         if np.any(ok):
             ax.set_xlim(np.nanmin(c[ok]) - 0.1, np.nanmax(c[ok]) + 0.1)
             ax.set_ylim(np.nanmax(g[ok]) + 0.3, np.nanmin(g[ok]) - 0.5)

@@ -18,6 +18,7 @@ enters its region by its observed G and BP-RP (regions below). Writes
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 
@@ -29,6 +30,7 @@ from clusterhbm.fit import prepare_data
 from clusterhbm.grid import band_indices, load_grid
 from clusterhbm.marginal import MarginalOptions, log_density_marginal
 from clusterhbm.model import ModelConfig, Priors, log_prior_population, pop_to_unconstrained
+from clusterhbm.plots import isochrone_curve
 from clusterhbm.results import load_results
 
 DEFAULT = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clusters"
@@ -52,6 +54,31 @@ def regions(g, c):
         "middle main sequence (15.5 <= G < 17)": (g >= 15.5) & (g < 17.0),
         "lower main sequence (17 <= G <= 18)": g >= 17.0,
     }
+
+
+def ms_colour_residuals(med, g, bp_rp, member, p_binary, grid, edges):
+    """Per G bin on the main sequence: observed BP-RP minus the median isochrone's, median
+    over members the fit calls single (p_binary < 0.3) and 25th percentile over all
+    members (the single-star edge; binaries lie red of it)."""
+    c, gm, _ = isochrone_curve(log_age=med["log_age"], feh=med["feh"],
+                               distance_pc=med["distance_pc"], av_mag=med["av_mag"],
+                               grid=grid)
+    # the main sequence: from the faint end up to the bluest point (the turnoff)
+    k = int(np.argmin(np.where(gm > 12.0, c, np.inf)))
+    ms_g, ms_c = gm[:k + 1], c[:k + 1]
+    order = np.argsort(ms_g)
+    model = np.interp(g, ms_g[order], ms_c[order], left=np.nan, right=np.nan)
+    res = bp_rp - model
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        m = member & (g >= lo) & (g < hi) & np.isfinite(res)
+        single = m & (p_binary < 0.3)
+        out.append({"g_lo": float(lo), "g_hi": float(hi), "n_members": int(m.sum()),
+                    "median_single": float(np.median(res[single])) if single.sum() >= 5
+                    else None,
+                    "p25_members": float(np.percentile(res[m], 25)) if m.sum() >= 5
+                    else None})
+    return out
 
 
 def main(argv=None):
@@ -106,6 +133,24 @@ def main(argv=None):
         out["regions"][name] = {"n": int(m.sum()), "delta_log_likelihood": float(d[m].sum()),
                                 "per_star": float(d[m].mean()) if m.any() else None}
         print(f"  {name:55s} n={int(m.sum()):4d}  delta {d[m].sum():+8.1f}")
+    lit = dict(zip(np.asarray(cat["source_id"]), np.asarray(cat["member"], bool)))
+    member = np.array([lit[x] for x in fd.source_id])
+    edges = np.arange(13.5, 18.01, 0.5)
+    print("main-sequence BP-RP residual (observed - isochrone), literature members:")
+    print(f"  {'G bin':12s}" + "".join(f"  {'A single':>9s} {'A p25':>7s}  {'B single':>9s} "
+                                       f"{'B p25':>7s}" for _ in [0]))
+    res_ab = []
+    for f, med in zip(fits, medians):
+        pb = f.stars["p_binary"].mean(axis=(0, 1)) if "p_binary" in f.stars \
+            else np.zeros(len(g))
+        res_ab.append(ms_colour_residuals(med, g, bp_rp, member, pb, grid, edges))
+    for ra, rb in zip(*res_ab):
+        def fmt(x):
+            return f"{x:+.3f}" if x is not None else "   -  "
+        print(f"  {ra['g_lo']:5.1f}-{ra['g_hi']:4.1f}  {fmt(ra['median_single']):>9s} "
+              f"{fmt(ra['p25_members']):>7s}  {fmt(rb['median_single']):>9s} "
+              f"{fmt(rb['p25_members']):>7s}   n={ra['n_members']}")
+    out["ms_colour_residuals"] = {"A": res_ab[0], "B": res_ab[1]}
     path = pathlib.Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
