@@ -18,8 +18,8 @@ lit = dict(zip(np.asarray(cat["source_id"]), np.asarray(cat["member"], bool)))
 member = np.array([lit[x] for x in fd.source_id])
 m = np.asarray(fd.data.mag); g = m[:, 0]; c = m[:, 1] - m[:, 2]
 edges = np.arange(13.5, 18.01, 0.5)
-for name, med in [("literature: 9.58, +0.03, 867 pc, A_V 0.115", dict(log_age=9.58, feh=0.03, distance_pc=867., av_mag=0.115)),
-                  ("literature with A_V 0", dict(log_age=9.58, feh=0.03, distance_pc=867., av_mag=0.0)),
-                  ("free fit", dict(log_age=9.425, feh=0.433, distance_pc=868., av_mag=0.0006))]:
+for name, med in [("literature: 9.58, +0.03, 867 pc, A_V 0.115", {'log_age': 9.58, 'feh': 0.03, 'distance_pc': 867., 'av_mag': 0.115}),
+                  ("literature with A_V 0", {'log_age': 9.58, 'feh': 0.03, 'distance_pc': 867., 'av_mag': 0.0}),
+                  ("free fit", {'log_age': 9.425, 'feh': 0.433, 'distance_pc': 868., 'av_mag': 0.0006})]:
     r = ms_colour_residuals(med, g, c, member, np.ones(len(g)), grid, edges)
     print(name, " ".join(f"{x['g_lo']:.1f}:{x['p25_members']:+.3f}" for x in r))
