@@ -125,7 +125,8 @@ def _add_fit(sub):
     p.add_argument("--marginal", action="store_true",
                    help="integrate every star's mass (and q) out and sample the population "
                         "only (clusterhbm.marginal): the way the mixture model (--full) "
-                        "mixes; fits no widths (implies --no-widths)")
+                        "mixes; fits no widths unless --widths names them (the stars' "
+                        "offsets are then integrated out too, to first order)")
     p.add_argument("--n-q", type=int, default=24,
                    help="mass-ratio bins of the marginal model [24]")
     p.add_argument("--imf", default="kroupa", choices=("kroupa", "chabrier", "powerlaw"))
@@ -191,9 +192,7 @@ def _run_fit(a) -> int:
                     len(cat))
         cat = cat[keep]
     widths = (True,) * 4
-    if a.marginal and a.widths:
-        raise ValueError("--marginal fits no widths: drop --widths (or drop --marginal)")
-    if a.no_widths or a.marginal:
+    if a.no_widths or (a.marginal and not a.widths):
         widths = (False,) * 4
     elif a.widths:
         names = [w.strip() for w in a.widths.split(",") if w.strip()]

@@ -672,9 +672,9 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         adapted curvature start 301-818), with 15-18 divergences per 100 warm-up steps:
         the posterior is not Gaussian enough for the curvature at one point
     marginal : sample the population only, every star's mass (and mass ratio) integrated
-        out along the shared isochrone (:mod:`clusterhbm.marginal`); the widths must all be
-        fixed (``fit_widths=False``). The mixture model (binaries, field) mixes only this
-        way; per-star masses, Teff, log g, membership and binary probabilities are drawn
+        out along the shared isochrone (:mod:`clusterhbm.marginal`); fitted widths are
+        the Gaussian spread of the stars' offsets, integrated out too (to first order in
+        them). The mixture model (binaries, field) mixes only this way; per-star masses, Teff, log g, membership and binary probabilities are drawn
         from each star's conditional at every draw
     marginal_options : :class:`clusterhbm.marginal.MarginalOptions` (q bins, pruning)
 
@@ -900,6 +900,31 @@ def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10
     return jnp.asarray(cov, flat.dtype)
 
 
+#: starting widths of the marginal model (physical units; distance: a fraction of it)
+MARGINAL_WIDTH_START = {"sigma_log_age": 0.01, "sigma_feh": 0.01, "sigma_distance_pc": 0.005,
+                        "sigma_av_mag": 0.01}
+
+
+def _with_widths(pos0, imm0, config, guess):
+    """The zero-width start ``pos0`` (inverse metric ``imm0``, ``ravel_pytree`` order)
+    extended by the log widths of ``config`` at :data:`MARGINAL_WIDTH_START` (variance 1
+    each, uncorrelated)."""
+    from .model import WIDTH_PARAMS
+
+    start = dict(MARGINAL_WIDTH_START)
+    start["sigma_distance_pc"] *= float(guess["distance_pc"])
+    pop = dict(pos0["pop"])
+    for name, on in zip(WIDTH_PARAMS, config.fit_widths):
+        if on:
+            pop["ln_" + name] = jnp.log(jnp.asarray(start[name], jnp.zeros(()).dtype))
+    keys0, keys = sorted(pos0["pop"]), sorted(pop)
+    m = np.eye(len(keys))
+    if imm0 is not None:
+        idx = np.array([keys.index(k) for k in keys0])
+        m[np.ix_(idx, idx)] = np.asarray(imm0, float)
+    return {"pop": pop, "star": {}}, jnp.asarray(m, jnp.zeros(()).dtype)
+
+
 def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chains,
                   num_warmup, num_samples, seed, k_init, k_run, n_starts, optimise_steps,
                   chunk_size, max_num_doublings, target_accept, progress, checkpoint,
@@ -917,6 +942,9 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
 
     check_config(config)
     opts = MarginalOptions() if opts is None else opts
+    # the start, the segment sets and the starting metric come from the zero-width model;
+    # the widths (with the stars' offsets integrated out) join before the sampler
+    config_w, config = config, config._replace(fit_widths=(False,) * 4)
     # 1. optimise with the per-evaluation choice of each star's nearest blocks (rough at
     #    the 0.1-1 level where the choice changes: fine for Adam, not for NUTS)
     rough_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts)
@@ -970,6 +998,9 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
              int(sel.shape[1]), time.perf_counter() - t_sel,
              (1 + (opts.n_q if config.binaries else 0)) * (grid.iso.eep.shape[0] - 1)
              * opts.refine)
+    if any(config_w.fit_widths):
+        pos1, imm0 = _with_widths(pos1, imm0, config_w, guess)
+        config = config_w
     logdensity_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts, sel=sel)
     keys = jax.random.split(k_init, num_chains)
     inits = jax.vmap(lambda k: jax.tree.map(
@@ -1009,7 +1040,7 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
     wall = time.perf_counter() - t_start
     settings = {
         "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
-        "seed": seed, "pooled": True, "fit_widths": [False] * 4,
+        "seed": seed, "pooled": True, "fit_widths": list(config.fit_widths),
         "marginal_pruning": pruning, "cubic": config.cubic,
         "fit_parallax_zp": config.fit_parallax_zp, "imf": config.imf,
         "bands": list(fd.bands), "gaia_release": fd.release,

@@ -57,11 +57,33 @@ What is and is not in this model
 Population parameters as in :mod:`clusterhbm.model` (log age, [Fe/H], distance, A_V,
 parallax zero-point, f_bin, f_field and the field parallax distribution, the mass-function
 slope), the same priors (:class:`clusterhbm.model.Priors`), the same field photometry,
-selection normaliser and likelihood floor. Widths are not fitted (every member shares
-the cluster's age, [Fe/H], distance and A_V): the latent model (:mod:`clusterhbm.model`)
-fits them. Per-star results are Rao-Blackwellised: at every draw each star's membership
-and binary probabilities, and its mass, Teff and log g drawn from its conditional given
-the draw's phi (as a member).
+selection normaliser and likelihood floor. Per-star results are Rao-Blackwellised: at
+every draw each star's membership and binary probabilities, and its mass, Teff and log g
+drawn from its conditional given the draw's phi (as a member).
+
+Widths: the per-star offsets integrated out too
+-----------------------------------------------
+With widths fitted (``ModelConfig.fit_widths``), star i's (log age, [Fe/H], distance,
+A_V) are the population's plus offsets delta_i ~ Normal(0, diag(sigma^2)). They move the
+star's track (and its parallax) to first order,
+
+    mu_i(EEP) = mu(EEP) + J(EEP) delta_i,
+
+with J the track's Jacobian at fixed EEP in log age, [Fe/H] and A_V (forward mode, once
+per evaluation with the track: :func:`track_and_jacobian`; EEPs align the phases, so the
+track moves smoothly at fixed EEP; the second-order error is measured in
+``tests/test_marginal.py``), and for distance 5 / (d ln 10) in every band and
+-1000 / d^2 in parallax. Linear and Gaussian, the offsets integrate out exactly: the
+star's covariance gains the low-rank term U U', U = J diag(sigma) (per segment, J at its
+middle), beside the binary bins' smearing vector, and with a distance width the parallax
+joins the bands as one more coordinate of the Gaussian (it correlates with the
+magnitudes through d_i). :func:`segment_log_integral` takes the low-rank term (Woodbury).
+NUTS still sees the population and the widths only, a dozen smooth coordinates: no
+per-star latent, no funnel. Approximations, all small for small widths: A_V,i is Normal
+(not truncated at 0), the IMF weights along the track and the detection probability are
+the population means', J is constant across a segment. Each star's own offsets are
+drawn from their Gaussian conditional at every draw (``log_age``, ``feh``,
+``distance_pc``, ``av_mag`` per star: the shrunk estimates).
 """
 
 from __future__ import annotations
@@ -74,8 +96,9 @@ from jax.scipy.special import log_ndtr, ndtr, ndtri
 
 from .grid import ModelGrid
 from .imf import imf_cdf, log_imf
-from .isochrone import table_eep_range, table_interp
+from .isochrone import isochrone_table, table_eep_range, table_interp
 from .model import (
+    WIDTH_PARAMS,
     ModelConfig,
     Priors,
     StarData,
@@ -86,7 +109,7 @@ from .model import (
     log_prior_population,
     population_state,
 )
-from .photometry import photometry
+from .photometry import bc_slice, photometry
 
 __all__ = [
     "Blocks",
@@ -95,12 +118,14 @@ __all__ = [
     "blocks",
     "log_density_marginal",
     "make_marginal_logdensity_fn",
+    "marginal_state",
     "q_bins",
     "segment_log_integral",
     "select_segments",
     "star_conditionals",
     "star_log_likelihoods",
     "track",
+    "track_and_jacobian",
 ]
 
 _LOG_2PI = 1.8378770664093453
@@ -143,14 +168,66 @@ def _log_ndtr_diff(u0, u1):
     return lb + _log1mexp(log_ndtr(a) - lb)
 
 
-def segment_log_integral(r0, delta, prec, smear=None, a_min: float = 1e-8):
+def small_cholesky(m):
+    """Cholesky factor of a batch of small SPD matrices (..., k, k), k static and small,
+    written out element by element: the per-segment matrices of the widths are 2 x 2 to
+    6 x 6, where LAPACK's batched call is slow (and, on the 2-core CPU, was seen to
+    deadlock XLA's thread pool)."""
+    k = m.shape[-1]
+    cols = [[None] * k for _ in range(k)]
+    for j in range(k):
+        d = m[..., j, j] - sum(cols[j][p] ** 2 for p in range(j))
+        ljj = jnp.sqrt(jnp.maximum(d, 1e-30))
+        cols[j][j] = ljj
+        for i in range(j + 1, k):
+            v = m[..., i, j] - sum(cols[i][p] * cols[j][p] for p in range(j))
+            cols[i][j] = v / ljj
+    zero = jnp.zeros_like(m[..., 0, 0])
+    return jnp.stack([jnp.stack([cols[i][j] if j <= i else zero for j in range(k)], -1)
+                      for i in range(k)], -2)
+
+
+def small_lower_solve(chol, v):
+    """L^-1 v for a batch of small lower-triangular L (..., k, k), v (..., k)."""
+    k = chol.shape[-1]
+    out = []
+    for i in range(k):
+        r = v[..., i] - sum(chol[..., i, p] * out[p] for p in range(i))
+        out.append(r / chol[..., i, i])
+    return jnp.stack(out, -1)
+
+
+def small_upper_solve(chol, v):
+    """L'^-1 v for a batch of small lower-triangular L (..., k, k), v (..., k)."""
+    k = chol.shape[-1]
+    out = [None] * k
+    for i in reversed(range(k)):
+        r = v[..., i] - sum(chol[..., p, i] * out[p] for p in range(i + 1, k))
+        out[i] = r / chol[..., i, i]
+    return jnp.stack(out, -1)
+
+
+def segment_log_integral(r0, delta, prec, smear=None, a_min: float = 1e-8, lowrank=None):
     """log ∫_0^1 N(r0 - t delta; 0, V) dt for one segment (bands on the last axis).
 
     r0 : data minus the segment's first node; delta : the segment's vector; prec : the
     diagonal precision 1/V (0 for a missing band); smear : optional vector c with
-    V -> V + c c' (Sherman-Morrison). Returns (log integral, t*, A).
+    V -> V + c c' (Sherman-Morrison); lowrank : optional (..., B, k) matrix U with
+    V -> V + U U' (Woodbury; instead of ``smear``). Returns (log integral, t*, A).
     """
-    if smear is None:
+    if lowrank is not None:
+        pu = prec[..., :, None] * lowrank
+        k = lowrank.shape[-1]
+        m = jnp.eye(k, dtype=lowrank.dtype) + jnp.einsum("...bi,...bj->...ij", lowrank, pu)
+        chol = small_cholesky(m)
+
+        def white(x):
+            return small_lower_solve(chol, jnp.einsum("...bi,...b->...i", pu, x))
+
+        def dot(x, y):
+            return jnp.sum(x * prec * y, axis=-1) - jnp.sum(white(x) * white(y), axis=-1)
+        logdet_extra = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    elif smear is None:
         def dot(x, y):
             return jnp.sum(x * prec * y, axis=-1)
         logdet_extra = 0.0
@@ -246,6 +323,96 @@ def track(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors, *,
         smear = jnp.concatenate([smear, c], 0)
         log_wq = jnp.log((edges[1:] - edges[:-1]) / (1.0 - priors.q_min)).astype(m.dtype)
     return Track(mags_t, smear, log_w, log_wq, m, props.log_teff, props.logg, eeps)
+
+
+def marginal_state(pop: dict, config: ModelConfig, priors: Priors, grid: ModelGrid):
+    """The population state at the means (shared isochrone table and BC slice, detection
+    probability) plus the fitted widths."""
+    popv = population_state(pop, config._replace(fit_widths=(False,) * 4), priors, grid)
+    for name, on in zip(WIDTH_PARAMS, config.fit_widths):
+        if on:
+            popv[name] = jnp.exp(pop["ln_" + name])
+    return popv
+
+
+#: the widths that move the track through its Jacobian (distance: analytically)
+_LINEAR = ("log_age", "feh", None, "av_mag")
+
+
+def _linear_names(config: ModelConfig) -> tuple:
+    return tuple(n for n, on in zip(_LINEAR, config.fit_widths) if on and n)
+
+
+def track_and_jacobian(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors,
+                       *, n_q: int = 24, refine: int = 1):
+    """The track at the population means and, when age, [Fe/H] or A_V widths are fitted,
+    its Jacobian d mags / d (those parameters) at fixed EEP, shape (W, T, K, B) (else
+    None); forward mode, the primal shared."""
+    names = _linear_names(config)
+    if not names:
+        return track(popv, grid, config, priors, n_q=n_q, refine=refine), None
+    x0 = jnp.stack([jnp.asarray(popv[k]) for k in names])
+
+    def f(x):
+        pv = dict(popv)
+        for i, k in enumerate(names):
+            pv[k] = x[i]
+        pv["iso_table"] = isochrone_table(grid.iso, pv["log_age"], pv["feh"],
+                                          cubic=config.cubic)
+        pv["bc_slice"] = bc_slice(grid.bc, pv["feh"], pv["av_mag"], config.band_idx,
+                                  cubic=config.cubic)
+        return track(pv, grid, config, priors, n_q=n_q, refine=refine)
+
+    tr, dtr = jax.vmap(lambda t: jax.jvp(f, (x0,), (t,)), out_axes=(None, 0))(
+        jnp.eye(len(names), dtype=x0.dtype))
+    jac = jnp.where(tr.mags[None] < _BIG_MAG, dtr.mags, 0.0)
+    return tr, jac
+
+
+class Widths(NamedTuple):
+    """What the widths add to every star's Gaussian (see the module docstring).
+
+    jac : (W, T, K, B) track Jacobian in the linear widths' parameters, or None
+    sig : (W,) their widths
+    dist_mag, dist_plx : with a distance width, its column of U in the bands (same in
+        each) and in parallax (sigma_d 5 / (d ln 10) and -sigma_d 1000 / d^2), else None
+    """
+
+    jac: jax.Array | None
+    sig: jax.Array | None
+    dist_mag: jax.Array | None
+    dist_plx: jax.Array | None
+
+
+def width_terms(popv: dict, config: ModelConfig, jac) -> Widths | None:
+    """:class:`Widths` of a population state (None without widths)."""
+    if not any(config.fit_widths):
+        return None
+    names = _linear_names(config)
+    sig = jnp.stack([popv["sigma_" + k] for k in names]) if names else None
+    dm = dp = None
+    if config.fit_widths[2]:
+        d, sd = popv["distance_pc"], popv["sigma_distance_pc"]
+        dm = sd * 5.0 / (d * jnp.log(10.0))
+        dp = -sd * 1000.0 / (d * d)
+    return Widths(jac, sig, dm, dp)
+
+
+def _width_lowrank(wid: Widths, j, seg, smear):
+    """The low-rank factor U (S, B', k) of the selected segments: the bin's smearing
+    vector, the linear widths' J sigma at the segment's middle, the distance column; B'
+    = B + 1 (parallax last) with a distance width."""
+    cols = [smear[..., None]]
+    if wid.jac is not None:
+        jm = 0.5 * (wid.jac[:, j, seg] + wid.jac[:, j, seg + 1])  # (W, S, B)
+        cols.append(jnp.moveaxis(jm, 0, -1) * wid.sig)
+    u = jnp.concatenate(cols, -1)
+    if wid.dist_mag is None:
+        return u
+    u = jnp.concatenate([u, jnp.zeros(u.shape[:-2] + (1, u.shape[-1]), u.dtype)], -2)
+    dcol = jnp.concatenate([jnp.broadcast_to(wid.dist_mag, u.shape[:-2] + (u.shape[-2] - 1,)),
+                            jnp.broadcast_to(wid.dist_plx, u.shape[:-2] + (1,))], -1)
+    return jnp.concatenate([u, dcol[..., None]], -1)
 
 
 def _star_precision(mag, mag_err, floor):
@@ -359,21 +526,43 @@ class MarginalOptions(NamedTuple):
     select_scale: float = 2.0
 
 
-def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor):
+def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor, wid: Widths | None = None,
+                            plx=None):
     """Log integrals of one star over a fixed set of segments (flat indices into the
-    (T, K - 1) segments, from :func:`select_segments`)."""
+    (T, K - 1) segments, from :func:`select_segments`); with widths (``wid``) the
+    offsets are integrated out too, and with a distance width the parallax (``plx``:
+    observed, error, model) is a coordinate of the Gaussian."""
     k1 = tr.mags.shape[1] - 1
     j, seg = sel_i // k1, sel_i % k1
     ok, prec, y, norm = _star_precision(mag, mag_err, floor)
     lw = tr.log_w[seg]
+    mu0 = tr.mags[j, seg]
+    mu1 = tr.mags[j, seg + 1]
+    sm = tr.smear[j, seg]
+    if wid is not None and wid.dist_mag is not None:
+        p_obs, p_err, p_mod = plx
+        p_ok = jnp.isfinite(p_obs) & jnp.isfinite(p_err)
+        p_prec = jnp.where(p_ok, 1.0 / jnp.where(p_ok, p_err, 1.0) ** 2, 0.0)
+        ok = jnp.concatenate([ok, p_ok[None]])
+        prec = jnp.concatenate([prec, p_prec[None]])
+        y = jnp.concatenate([y, jnp.where(p_ok, p_obs, 0.0)[None]])
+        norm = norm - 0.5 * jnp.where(p_ok, _LOG_2PI - jnp.log(jnp.where(p_ok, p_prec, 1.0)),
+                                      0.0)
+        pm = jnp.broadcast_to(p_mod, mu0.shape[:-1] + (1,))
+        mu0 = jnp.concatenate([mu0, pm], -1)
+        mu1 = jnp.concatenate([mu1, pm], -1)
     # invalid segments (weight -inf; the track's padding magnitudes): harmless inputs, so
     # that no derivative of their (discarded) integral is NaN
     use = (jnp.isfinite(lw)[:, None] & ok[None, :])
-    mu0 = tr.mags[j, seg]
-    delta = jnp.where(use, tr.mags[j, seg + 1] - mu0, jnp.where(ok, 0.1, 0.0))
+    delta = jnp.where(use, mu1 - mu0, jnp.where(ok, 0.1, 0.0))
     r0 = jnp.where(use, y - mu0, 0.0)
-    sm = jnp.where(use, tr.smear[j, seg], 0.0)
-    li, t_star, a = segment_log_integral(r0, delta, prec, sm)
+    if wid is None:
+        sm = jnp.where(use, sm, 0.0)
+        li, t_star, a = segment_log_integral(r0, delta, prec, sm)
+    else:
+        u = _width_lowrank(wid, j, seg, sm)
+        u = jnp.where(use[..., None], u, 0.0)
+        li, t_star, a = segment_log_integral(r0, delta, prec, lowrank=u)
     return jnp.where(jnp.isfinite(lw), li + norm + lw, -jnp.inf), j, seg, t_star, a
 
 
@@ -381,13 +570,19 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor):
 DEFAULT_OPTIONS = MarginalOptions()
 
 
-def _star_items(tr: Track, data_i, priors: Priors, opts: MarginalOptions, sel_i=None):
+def _star_items(tr: Track, data_i, priors: Priors, opts: MarginalOptions, sel_i=None,
+                wid: Widths | None = None, plx_model=None):
     """(terms, track index, segment index, t*, A) of one star, flat over the segments
-    evaluated (``sel_i``: a fixed set; else the nearest blocks, or every segment);
-    terms = log segment integral + log IMF weight (not yet the class and q weights)."""
+    evaluated (``sel_i``: a fixed set; else the nearest blocks, or every segment; with
+    widths every segment unless a set is given); terms = log segment integral + log IMF
+    weight (not yet the class and q weights; with a distance width, the parallax
+    term)."""
     mag, mag_err = data_i[0], data_i[1]
+    if wid is not None and sel_i is None:
+        sel_i = jnp.arange(tr.mags.shape[0] * (tr.mags.shape[1] - 1), dtype=jnp.int32)
     if sel_i is not None:
-        return _star_segments_selected(tr, sel_i, mag, mag_err, priors.mag_floor)
+        return _star_segments_selected(tr, sel_i, mag, mag_err, priors.mag_floor, wid,
+                                       (data_i[2], data_i[3], plx_model))
     if opts.n_blocks is None:
         terms, t_star, a = _star_segments(tr, mag, mag_err, priors.mag_floor)
         t, k1 = terms.shape
@@ -422,11 +617,17 @@ def _weighted_items(terms, j, tr: Track, popv: dict, config: ModelConfig):
     return jnp.where(single, jnp.log1p(-f) + terms, jnp.log(f) + wq + terms)
 
 
+def _plx_model(popv):
+    return 1000.0 / popv["distance_pc"] + popv["parallax_zp_mas"]
+
+
 def _likelihoods(items, tr: Track, popv: dict, data_i, config: ModelConfig):
     """(ll_single, ll_binary, ll_field, log_w_member, log_w_field) from a star's items."""
     terms, j = items[0], items[1]
-    ll_plx = _log_normal_parallax(data_i[2], data_i[3], 1000.0 / popv["distance_pc"]
-                                  + popv["parallax_zp_mas"], 0.0)
+    if config.fit_widths[2]:  # the parallax is in the items' Gaussians
+        ll_plx = jnp.zeros(())
+    else:
+        ll_plx = _log_normal_parallax(data_i[2], data_i[3], _plx_model(popv), 0.0)
     ll_s = _logsumexp(jnp.where(j == 0, terms, -jnp.inf)) + ll_plx
     ll_b = jnp.full_like(ll_s, -jnp.inf)
     if config.binaries:
@@ -437,11 +638,12 @@ def _likelihoods(items, tr: Track, popv: dict, data_i, config: ModelConfig):
 
 def star_log_likelihoods(tr: Track, popv: dict, data_i, config: ModelConfig,
                          priors: Priors, opts: MarginalOptions = DEFAULT_OPTIONS,
-                         sel_i=None):
+                         sel_i=None, wid: Widths | None = None):
     """(ll_single, ll_binary, ll_field, log_w_member, log_w_field) of one star: mass and q
-    integrated out; the member parallax term is included in both member likelihoods."""
-    return _likelihoods(_star_items(tr, data_i, priors, opts, sel_i), tr, popv, data_i,
-                        config)
+    (and with widths, ``wid``, the star's offsets) integrated out; the member parallax
+    term is included in both member likelihoods."""
+    return _likelihoods(_star_items(tr, data_i, priors, opts, sel_i, wid, _plx_model(popv)),
+                        tr, popv, data_i, config)
 
 
 def _member_ll(ll_s, ll_b, popv, config):
@@ -456,14 +658,13 @@ def _member_ll(ll_s, ll_b, popv, config):
 
 
 def check_config(config: ModelConfig):
-    """The marginal model needs the pooled, zero-width configuration."""
+    """The marginal model needs the pooled configuration."""
     if not config.pooled:
         raise ValueError("the marginal model is pooled only (use the latent model, "
                          "clusterhbm.model, for the unpooled fit)")
-    if any(config.fit_widths):
-        raise ValueError("the marginal model fits no widths: every member shares the "
-                         "cluster's age, [Fe/H], distance and A_V (fit_widths must be all "
-                         f"False, got {config.fit_widths}); the latent model fits widths")
+    if len(tuple(config.fit_widths)) != 4:
+        raise ValueError(f"fit_widths must be 4 flags (age, [Fe/H], distance, A_V), got "
+                         f"{config.fit_widths}")
 
 
 def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
@@ -483,18 +684,27 @@ def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: Mod
     safe["ln_distance_pc"] = jnp.clip(pop["ln_distance_pc"], jnp.log(priors.distance_pc_min),
                                       jnp.log(priors.distance_pc_max))
     safe["av_raw"] = jnp.clip(pop["av_raw"], -5.0, priors.av_max)
-    popv = population_state(safe, config, priors, grid)
-    tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+    for name, on in zip(WIDTH_PARAMS, config.fit_widths):
+        if on:
+            safe["ln_" + name] = jnp.clip(pop["ln_" + name], -30.0, 5.0)
+    popv = marginal_state(safe, config, priors, grid)
+    tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
+                                 refine=opts.refine)
+    wid = width_terms(popv, config, jac)
 
     def one(data_i, sel_i):
         ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
-                                                            opts, sel_i)
+                                                            opts, sel_i, wid)
         ll_m = _member_ll(ll_s, ll_b, popv, config)
         if config.field:
             return jnp.logaddexp(lw_m + ll_m, lw_f + ll_f)
         return ll_m
 
-    stars = jax.vmap(one)(tuple(data), sel)
+    if wid is not None and sel is None:
+        # every segment of every star: one star at a time (memory)
+        stars = jax.lax.map(lambda x: one(x, None), tuple(data), batch_size=8)
+    else:
+        stars = jax.vmap(one)(tuple(data), sel)
     if per_star:
         return stars
     ok = jnp.isfinite(lp) & popv["iso_table"].inside & jnp.any(jnp.isfinite(tr.log_w))
@@ -520,12 +730,58 @@ def make_marginal_logdensity_fn(data: StarData, grid: ModelGrid, config: ModelCo
     return logdensity_fn
 
 
-def _uniform_from_bits(x, n):
-    """n x 2 pseudo-random uniforms seeded by the bits of a float array (deterministic per
+def _uniform_from_bits(x, n, k: int = 2):
+    """n x k pseudo-random uniforms seeded by the bits of a float array (deterministic per
     draw: the transform of a draw has no key of its own)."""
     bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
     key = jax.random.fold_in(jax.random.key(0), jnp.sum(bits))
-    return jax.random.uniform(key, (n, 2))
+    return jax.random.uniform(key, (n, k))
+
+
+def _offset_draw(tr: Track, wid: Widths, popv: dict, data_i, priors: Priors,
+                 config: ModelConfig, j, k, t, u):
+    """One star's (log age, [Fe/H], distance, A_V) drawn from the Gaussian conditional of
+    its offsets given its data at the drawn point of the track (segment k of track j,
+    position t): delta | r ~ N(S J' C^-1 r, S - S J' C^-1 J S), S = diag(sigma^2)."""
+    mag, mag_err = data_i[0], data_i[1]
+    ok, prec, y, _ = _star_precision(mag, mag_err, priors.mag_floor)
+    mu = tr.mags[j, k] + t * (tr.mags[j, k + 1] - tr.mags[j, k])
+    b = mu.shape[-1]
+    names, cols = [], []
+    if wid.jac is not None:
+        jm = 0.5 * (wid.jac[:, j, k] + wid.jac[:, j, k + 1])  # (W, B)
+        for i, n in enumerate(_linear_names(config)):
+            names.append(n)
+            cols.append(jnp.concatenate([jm[i] * wid.sig[i], jnp.zeros((1,), mu.dtype)]))
+    p_obs, p_err = data_i[2], data_i[3]
+    p_ok = jnp.isfinite(p_obs) & jnp.isfinite(p_err)
+    if wid.dist_mag is not None:
+        names.append("distance_pc")
+        cols.append(jnp.concatenate([jnp.full((b,), wid.dist_mag), wid.dist_plx[None]]))
+    u_mat = jnp.stack(cols, -1)  # (B + 1, W'): J diag(sigma), parallax last
+    r = jnp.concatenate([jnp.where(ok, y - mu, 0.0),
+                         jnp.where(p_ok, p_obs - _plx_model(popv), 0.0)[None]])
+    pr = jnp.concatenate([prec, jnp.where(p_ok, 1.0 / jnp.where(p_ok, p_err, 1.0) ** 2,
+                                          0.0)[None]])
+    if wid.dist_mag is None:  # the parallax does not know the offsets
+        pr = pr.at[-1].set(0.0)
+    sm = tr.smear[j, k]
+    v_sm = jnp.concatenate([sm, jnp.zeros((1,), mu.dtype)])
+    # whitened offsets w = delta / sigma: prior N(0, I); data r = U w + c e + noise
+    # (the bin's smearing e ~ N(0, 1) is a nuisance, kept in the Gaussian)
+    full = jnp.concatenate([u_mat, v_sm[:, None]], -1)
+    h = jnp.eye(full.shape[-1], dtype=mu.dtype) + full.T @ (pr[:, None] * full)
+    chol = small_cholesky(h)  # h = L L': the posterior precision of w
+    mean = small_upper_solve(chol, small_lower_solve(chol, full.T @ (pr * r)))
+    zz = ndtri(jnp.clip(u[: full.shape[-1]], 1e-6, 1.0 - 1e-6))
+    w = (mean + small_upper_solve(chol, zz))[: len(names)]
+    out = {n: popv[n] for n in ("log_age", "feh", "distance_pc", "av_mag")}
+    for i, n in enumerate(names):
+        if n == "distance_pc":
+            out[n] = popv[n] + popv["sigma_distance_pc"] * w[i]
+        else:
+            out[n] = popv[n] + popv["sigma_" + n] * w[i]
+    return out
 
 
 def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
@@ -538,14 +794,16 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
     member
     (a segment by its posterior weight, the position in it from the truncated Gaussian).
     """
-    popv = population_state(pop, config, priors, grid)
-    tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+    popv = marginal_state(pop, config, priors, grid)
+    tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
+                                 refine=opts.refine)
+    wid = width_terms(popv, config, jac)
     n = data.mag.shape[0]
     u = _uniform_from_bits(jnp.stack([jnp.asarray(pop[k], jnp.float32)
-                                      for k in sorted(pop)]), n)
+                                      for k in sorted(pop)]), n, 7)
 
     def one(data_i, u_i, sel_i):
-        items = _star_items(tr, data_i, priors, opts, sel_i)
+        items = _star_items(tr, data_i, priors, opts, sel_i, wid, _plx_model(popv))
         terms, j, seg, t_star, a = items
         w = _weighted_items(terms, j, tr, popv, config)
         ll_s, ll_b, ll_f, lw_m, lw_f = _likelihoods(items, tr, popv, data_i, config)
@@ -574,8 +832,12 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
         def at(col):
             return col[k] + t * (col[k + 1] - col[k])
 
-        return {"p_member": p_mem, "p_binary": p_bin, "mass_msun": at(tr.mass),
-                "teff_k": 10.0 ** at(tr.log_teff), "logg": at(tr.logg), "eep": at(tr.eep)}
+        res = {"p_member": p_mem, "p_binary": p_bin, "mass_msun": at(tr.mass),
+               "teff_k": 10.0 ** at(tr.log_teff), "logg": at(tr.logg), "eep": at(tr.eep)}
+        if wid is not None:
+            res.update(_offset_draw(tr, wid, popv, data_i, priors, config, j[idx], k, t,
+                                    u_i[2:]))
+        return res
 
     stars = jax.vmap(one)(tuple(data), u, sel)
     if not config.field:
@@ -583,6 +845,9 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
     if not config.binaries:
         stars.pop("p_binary")
     out = {k: popv[k] for k in ("log_age", "feh", "distance_pc", "av_mag")}
+    for name, on in zip(WIDTH_PARAMS, config.fit_widths):
+        if on:
+            out[name] = popv[name]
     if config.fit_parallax_zp:
         out["parallax_zp_mas"] = popv["parallax_zp_mas"]
     for k in ("f_bin", "f_field", "mf_slope", "field_parallax_mas", "field_parallax_sd_mas"):
@@ -615,7 +880,7 @@ def select_segments(pops, data: StarData, grid: ModelGrid, config: ModelConfig,
     @jax.jit
     def rank(data_b, pops):
         def one_state(pop, data_i):
-            popv = population_state(pop, config, priors, grid)
+            popv = marginal_state(pop, config, priors, grid)
             tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
             terms, j, seg, _, _ = _star_items(tr, data_i, priors, cand)
             w = _weighted_items(terms, j, tr, popv, config)

@@ -94,8 +94,9 @@ print(f"{len(cat)} stars after quality cuts; {int(np.sum(cat['member_prob'] > 0.
 # the population. With a latent mass and q per star this mixture does not mix (a member's
 # mass is known to 1e-4 Msun, a field star's to the whole IMF: no metric suits both; see
 # `docs/performance.md`). Per-star masses, Teff, log g, membership and binary probabilities
-# come from each star's conditional at every draw. The marginal model fits no widths:
-# every member shares one age, [Fe/H], distance and A_V.
+# come from each star's conditional at every draw. This fit has no widths: every member
+# shares one age, [Fe/H], distance and A_V (the marginal model can fit them, with each
+# star's offsets integrated out: `fit_widths=...`).
 #
 # **Faint limit G = 18.** Below ~0.6 Msun, MIST's BP-RP colours drift from the observed
 # M-dwarf sequence of M67 by ~0.1 mag: with thousands of such stars the likelihood would
