@@ -298,6 +298,7 @@ def test_marginal_mixture_fit_recovers_fractions(grid, mixture_mock):
 WIDE = (True, True, True, True)
 
 
+@pytest.mark.slow
 def test_track_jacobian_moves_the_track_to_first_order(grid):
     """The first-order move of the track at fixed EEP (the widths' per-star tracks)
     against the track recomputed at the moved (log age, [Fe/H], A_V) on 8x finer EEPs:
@@ -351,7 +352,7 @@ def _hermite(n=24):
 
 
 @pytest.mark.parametrize("name,sigma", [
-    ("distance_pc", 12.0),
+    pytest.param("distance_pc", 12.0, marks=pytest.mark.slow),
     pytest.param("log_age", 0.02, marks=pytest.mark.slow),
     pytest.param("feh", 0.04, marks=pytest.mark.slow),
     pytest.param("av_mag", 0.04, marks=pytest.mark.slow)])
@@ -364,7 +365,8 @@ def test_width_integral_matches_quadrature_over_offsets(grid, mixture_mock, name
     0.019 / 0.080 / 0.31 (worst: the brightest star, G = 12.5, where the age moves the
     subgiant branch and its IMF weights, which the widths model keeps at the mean's);
     [Fe/H] (0.04) 0.005 / 0.027 / 0.39; A_V (0.04) 0.002 / 0.004 / 0.03. The age, [Fe/H]
-    and A_V cases are marked slow (~1 min each)."""
+    and A_V cases are marked slow (~1 min each); so is the distance case, and the other
+    widths tests (the CI run is at its 30-min limit: run them with -m slow)."""
     _, fd = mixture_mock
     cfg0 = _config(binaries=True, cubic=True)
     flags = tuple(n == name for n in ("log_age", "feh", "distance_pc", "av_mag"))
@@ -391,6 +393,7 @@ def test_width_integral_matches_quadrature_over_offsets(grid, mixture_mock, name
     assert stats[0] < 0.03 and stats[1] < 0.15 and stats[2] < 0.5, stats
 
 
+@pytest.mark.slow
 def test_tiny_widths_equal_the_zero_width_model(grid, mixture_mock):
     """All four widths at 1e-5 of typical values: every star's term (fixed segments, the
     full mixture with selection) equals the zero-width model's."""
@@ -413,6 +416,7 @@ def test_tiny_widths_equal_the_zero_width_model(grid, mixture_mock):
     np.testing.assert_allclose(b, a, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_width_density_gradient_matches_finite_differences(grid, mixture_mock):
     """With every width fitted the sampler's density (fixed segments) has finite
     gradients, equal to finite differences in the widths; the per-draw results hold each
