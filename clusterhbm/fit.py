@@ -335,6 +335,13 @@ def best_of_starts(logdensity_fn, cands, config: ModelConfig, grid: ModelGrid, r
     return jax.tree.map(lambda x: x[k], best), k, loss
 
 
+def start_widths(distance_pc) -> dict:
+    """The widths both models start from: 0.01 dex in log age and [Fe/H], 0.5 % of the
+    distance, 0.01 mag in A_V."""
+    return {"sigma_log_age": 0.01, "sigma_feh": 0.01, "sigma_distance_pc": 0.005 * distance_pc,
+            "sigma_av_mag": 0.01}
+
+
 def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_chains: int, *,
                       grid: ModelGrid, width_init: dict | None = None,
                       jitter: float = 0.01):
@@ -349,8 +356,7 @@ def initial_positions(rng_key, pop_values: dict, eep, config: ModelConfig, n_cha
                           .initial_mass, in_axes=(0, None, None, None)))(
         jnp.asarray(eep), grid.iso, pop_values["log_age"], pop_values["feh"])
     pseudo_mass = m0 + config.pseudo_mass_eps * jnp.asarray(eep)
-    widths = {"sigma_log_age": 0.01, "sigma_feh": 0.01,
-              "sigma_distance_pc": 0.005 * pop_values["distance_pc"], "sigma_av_mag": 0.01}
+    widths = start_widths(pop_values["distance_pc"])
     widths.update(width_init or {})
     pop = pop_to_unconstrained({**pop_values, **widths}, config)
     n = eep.shape[0]
@@ -674,8 +680,9 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     marginal : sample the population only, every star's mass (and mass ratio) integrated
         out along the shared isochrone (:mod:`clusterhbm.marginal`); fitted widths are
         the Gaussian spread of the stars' offsets, integrated out too (to first order in
-        them). The mixture model (binaries, field) mixes only this way; per-star masses, Teff, log g, membership and binary probabilities are drawn
-        from each star's conditional at every draw
+        them). The mixture model (binaries, field) mixes only this way; per-star masses,
+        Teff, log g, membership and binary probabilities are drawn from each star's
+        conditional at every draw
     marginal_options : :class:`clusterhbm.marginal.MarginalOptions` (q bins, pruning)
 
     Returns
@@ -900,19 +907,13 @@ def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10
     return jnp.asarray(cov, flat.dtype)
 
 
-#: starting widths of the marginal model (physical units; distance: a fraction of it)
-MARGINAL_WIDTH_START = {"sigma_log_age": 0.01, "sigma_feh": 0.01, "sigma_distance_pc": 0.005,
-                        "sigma_av_mag": 0.01}
-
-
 def _with_widths(pos0, imm0, config, guess):
     """The zero-width start ``pos0`` (inverse metric ``imm0``, ``ravel_pytree`` order)
-    extended by the log widths of ``config`` at :data:`MARGINAL_WIDTH_START` (variance 1
-    each, uncorrelated)."""
+    extended by the log widths of ``config`` at :func:`start_widths` (variance 1 each,
+    uncorrelated)."""
     from .model import WIDTH_PARAMS
 
-    start = dict(MARGINAL_WIDTH_START)
-    start["sigma_distance_pc"] *= float(guess["distance_pc"])
+    start = start_widths(float(guess["distance_pc"]))
     pop = dict(pos0["pop"])
     for name, on in zip(WIDTH_PARAMS, config.fit_widths):
         if on:

@@ -526,6 +526,16 @@ class MarginalOptions(NamedTuple):
     select_scale: float = 2.0
 
 
+def _with_parallax(ok, prec, y, plx_obs, plx_err):
+    """A star's band mask, precision and data with its parallax appended as one more
+    coordinate (a distance width couples it to the magnitudes); missing or non-positive
+    errors: precision 0, as :func:`clusterhbm.model._log_normal_parallax` skips them."""
+    p_ok = jnp.isfinite(plx_obs) & jnp.isfinite(plx_err) & (plx_err > 0)
+    p_prec = jnp.where(p_ok, 1.0 / jnp.where(p_ok, plx_err, 1.0) ** 2, 0.0)
+    return (jnp.concatenate([ok, p_ok[None]]), jnp.concatenate([prec, p_prec[None]]),
+            jnp.concatenate([y, jnp.where(p_ok, plx_obs, 0.0)[None]]))
+
+
 def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor, wid: Widths | None = None,
                             plx=None):
     """Log integrals of one star over a fixed set of segments (flat indices into the
@@ -541,13 +551,9 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor, wid: Widths |
     sm = tr.smear[j, seg]
     if wid is not None and wid.dist_mag is not None:
         p_obs, p_err, p_mod = plx
-        p_ok = jnp.isfinite(p_obs) & jnp.isfinite(p_err)
-        p_prec = jnp.where(p_ok, 1.0 / jnp.where(p_ok, p_err, 1.0) ** 2, 0.0)
-        ok = jnp.concatenate([ok, p_ok[None]])
-        prec = jnp.concatenate([prec, p_prec[None]])
-        y = jnp.concatenate([y, jnp.where(p_ok, p_obs, 0.0)[None]])
-        norm = norm - 0.5 * jnp.where(p_ok, _LOG_2PI - jnp.log(jnp.where(p_ok, p_prec, 1.0)),
-                                      0.0)
+        ok, prec, y = _with_parallax(ok, prec, y, p_obs, p_err)
+        norm = norm - 0.5 * jnp.where(ok[-1], _LOG_2PI - jnp.log(jnp.where(ok[-1], prec[-1],
+                                                                            1.0)), 0.0)
         pm = jnp.broadcast_to(p_mod, mu0.shape[:-1] + (1,))
         mu0 = jnp.concatenate([mu0, pm], -1)
         mu1 = jnp.concatenate([mu1, pm], -1)
@@ -742,46 +748,32 @@ def _offset_draw(tr: Track, wid: Widths, popv: dict, data_i, priors: Priors,
                  config: ModelConfig, j, k, t, u):
     """One star's (log age, [Fe/H], distance, A_V) drawn from the Gaussian conditional of
     its offsets given its data at the drawn point of the track (segment k of track j,
-    position t): delta | r ~ N(S J' C^-1 r, S - S J' C^-1 J S), S = diag(sigma^2)."""
-    mag, mag_err = data_i[0], data_i[1]
-    ok, prec, y, _ = _star_precision(mag, mag_err, priors.mag_floor)
+    position t). In whitened offsets w = delta / sigma (prior N(0, I)) the data are
+    r = U w + noise with U from :func:`_width_lowrank` (its first column, the bin's
+    smearing, a nuisance kept in the Gaussian); ``u``: uniforms for the draw."""
+    ok, prec, y, _ = _star_precision(data_i[0], data_i[1], priors.mag_floor)
     mu = tr.mags[j, k] + t * (tr.mags[j, k + 1] - tr.mags[j, k])
-    b = mu.shape[-1]
-    names, cols = [], []
-    if wid.jac is not None:
-        jm = 0.5 * (wid.jac[:, j, k] + wid.jac[:, j, k + 1])  # (W, B)
-        for i, n in enumerate(_linear_names(config)):
-            names.append(n)
-            cols.append(jnp.concatenate([jm[i] * wid.sig[i], jnp.zeros((1,), mu.dtype)]))
-    p_obs, p_err = data_i[2], data_i[3]
-    p_ok = jnp.isfinite(p_obs) & jnp.isfinite(p_err)
     if wid.dist_mag is not None:
-        names.append("distance_pc")
-        cols.append(jnp.concatenate([jnp.full((b,), wid.dist_mag), wid.dist_plx[None]]))
-    u_mat = jnp.stack(cols, -1)  # (B + 1, W'): J diag(sigma), parallax last
-    r = jnp.concatenate([jnp.where(ok, y - mu, 0.0),
-                         jnp.where(p_ok, p_obs - _plx_model(popv), 0.0)[None]])
-    pr = jnp.concatenate([prec, jnp.where(p_ok, 1.0 / jnp.where(p_ok, p_err, 1.0) ** 2,
-                                          0.0)[None]])
-    if wid.dist_mag is None:  # the parallax does not know the offsets
-        pr = pr.at[-1].set(0.0)
-    sm = tr.smear[j, k]
-    v_sm = jnp.concatenate([sm, jnp.zeros((1,), mu.dtype)])
-    # whitened offsets w = delta / sigma: prior N(0, I); data r = U w + c e + noise
-    # (the bin's smearing e ~ N(0, 1) is a nuisance, kept in the Gaussian)
-    full = jnp.concatenate([u_mat, v_sm[:, None]], -1)
-    h = jnp.eye(full.shape[-1], dtype=mu.dtype) + full.T @ (pr[:, None] * full)
+        ok, prec, y = _with_parallax(ok, prec, y, data_i[2], data_i[3])
+        mu = jnp.concatenate([mu, _plx_model(popv)[None]])
+    full = _width_lowrank(wid, j[None], k[None], tr.smear[j, k][None])[0]  # (B', 1 + W)
+    full = jnp.where(ok[:, None], full, 0.0)
+    r = jnp.where(ok, y - mu, 0.0)
+    h = jnp.eye(full.shape[-1], dtype=mu.dtype) + full.T @ (prec[:, None] * full)
     chol = small_cholesky(h)  # h = L L': the posterior precision of w
-    mean = small_upper_solve(chol, small_lower_solve(chol, full.T @ (pr * r)))
+    mean = small_upper_solve(chol, small_lower_solve(chol, full.T @ (prec * r)))
     zz = ndtri(jnp.clip(u[: full.shape[-1]], 1e-6, 1.0 - 1e-6))
-    w = (mean + small_upper_solve(chol, zz))[: len(names)]
+    w = (mean + small_upper_solve(chol, zz))[1:]
+    names = _linear_names(config) + (("distance_pc",) if wid.dist_mag is not None else ())
     out = {n: popv[n] for n in ("log_age", "feh", "distance_pc", "av_mag")}
     for i, n in enumerate(names):
-        if n == "distance_pc":
-            out[n] = popv[n] + popv["sigma_distance_pc"] * w[i]
-        else:
-            out[n] = popv[n] + popv["sigma_" + n] * w[i]
+        out[n] = popv[n] + popv["sigma_" + n] * w[i]
     return out
+
+
+#: uniforms per star in :func:`star_conditionals`: 2 for the segment and the position in
+#: it, 1 + 4 for the offsets' Gaussian draw (the smearing nuisance and four widths)
+_N_UNIFORM = 7
 
 
 def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelConfig,
@@ -800,7 +792,7 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
     wid = width_terms(popv, config, jac)
     n = data.mag.shape[0]
     u = _uniform_from_bits(jnp.stack([jnp.asarray(pop[k], jnp.float32)
-                                      for k in sorted(pop)]), n, 7)
+                                      for k in sorted(pop)]), n, _N_UNIFORM)
 
     def one(data_i, u_i, sel_i):
         items = _star_items(tr, data_i, priors, opts, sel_i, wid, _plx_model(popv))
