@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -829,12 +830,15 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                                   timings=timings, truth=truth)
 
 
-def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-3):
+def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-3,
+                vg=None, hess=None):
     """Damped Newton (Levenberg-Marquardt) on -log density over a small, smooth position
     (the marginal model's ~10 population parameters): the exact Hessian (D
     Hessian-vector products) each step, (H + lam diag|H|) delta = -g, lam shrunk after a
     step that improves and grown after one that does not. Returns the best position;
-    logs the gradient norm there."""
+    logs the gradient norm there. ``vg``, ``hess``: the loss's compiled value-and-gradient
+    and Hessian in the ``ravel_pytree`` coordinates, if the caller has them (one compile
+    for several calls)."""
     from jax.flatten_util import ravel_pytree
 
     flat, unravel = ravel_pytree(position)
@@ -843,8 +847,8 @@ def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-
         v = logdensity_fn(unravel(x))
         return -jnp.where(jnp.isfinite(v), v, -1e30)
 
-    vg = jax.jit(jax.value_and_grad(loss))
-    hess = jax.jit(jax.hessian(loss))
+    vg = jax.jit(jax.value_and_grad(loss)) if vg is None else vg
+    hess = jax.jit(jax.hessian(loss)) if hess is None else hess
     x = flat
     f, g = vg(x)
     f, g = float(f), np.asarray(g, float)
@@ -882,14 +886,19 @@ def newton_best(logdensity_fn, position, *, max_iter: int = 30, tol: float = 1e-
     return unravel(x)
 
 
-def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10):
+def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10,
+                              neg_hess=None):
     """Dense inverse metric for a population-only position: the inverse of -Hessian at
     ``position`` (flat, in ``ravel_pytree`` order), or its diagonal's inverse where it is
-    not positive definite, or None."""
+    not positive definite, or None. ``neg_hess``: the compiled Hessian of -log density
+    in those coordinates, if the caller has it."""
     from jax.flatten_util import ravel_pytree
 
     flat, unravel = ravel_pytree(position)
-    h = np.asarray(jax.hessian(lambda x: logdensity_fn(unravel(x)))(flat), float)
+    if neg_hess is None:
+        h = np.asarray(jax.jit(jax.hessian(lambda x: logdensity_fn(unravel(x))))(flat), float)
+    else:
+        h = -np.asarray(neg_hess(flat), float)
     if not np.all(np.isfinite(h)):
         return None
     neg = -0.5 * (h + h.T)
@@ -924,6 +933,22 @@ def _with_widths(pos0, imm0, config, guess):
         idx = np.array([keys.index(k) for k in keys0])
         m[np.ix_(idx, idx)] = np.asarray(imm0, float)
     return {"pop": pop, "star": {}}, jnp.asarray(m, jnp.zeros(()).dtype)
+
+
+def _marginal_loss(x, *, sel, data, grid, keys, config, priors, opts):
+    """-log density of the marginal model at the flat position ``x`` (``ravel_pytree``
+    order of ``{"pop": ...}``: sorted ``keys``) with fixed segments ``sel``; -inf -> 1e30."""
+    from .marginal import log_density_marginal
+
+    pop = {k: x[i] for i, k in enumerate(keys)}
+    v = log_density_marginal(pop, data, grid, config, priors, opts, sel=sel)
+    return -jnp.where(jnp.isfinite(v), v, -1e30)
+
+
+# compiled once per model configuration, not once per set of segments
+_MARGINAL_STATIC = ("keys", "config", "priors", "opts")
+_marginal_vg = jax.jit(jax.value_and_grad(_marginal_loss), static_argnames=_MARGINAL_STATIC)
+_marginal_hess = jax.jit(jax.hessian(_marginal_loss), static_argnames=_MARGINAL_STATIC)
 
 
 def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chains,
@@ -961,7 +986,7 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
                  len(cands), np.round(losses, 1), k_best)
     else:
         pos1, k_best, losses = starts[0], 0, None
-    if not np.isfinite(float(rough_fn(pos1))):
+    if not np.isfinite(float(jax.jit(rough_fn)(pos1))):
         raise ValueError("the marginal model's log density is -inf at the start (the "
                          "population is outside the grid or no star is near the isochrone)")
     # 2. fix every star's segments around the optimum (a smooth density), optimise that
@@ -977,12 +1002,16 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
         return select_segments(jax.tree.map(lambda *xs: jnp.stack(xs), *states), fd.data,
                                grid, config, priors, opts, n_segments=opts.n_segments)
 
+    static = {"keys": tuple(sorted(pos1["pop"])), "config": config, "priors": priors,
+              "opts": opts}
     for _ in range(2 if optimise_steps else 1):
         sel = around(pos1)
         smooth_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts, sel=sel)
+        vg = partial(_marginal_vg, sel=sel, data=fd.data, grid=grid, **static)
+        hess = partial(_marginal_hess, sel=sel, data=fd.data, grid=grid, **static)
         if optimise_steps:
-            pos1 = newton_best(smooth_fn, pos1)
-    imm0 = population_inverse_metric(smooth_fn, pos1)
+            pos1 = newton_best(smooth_fn, pos1, vg=vg, hess=hess)
+    imm0 = population_inverse_metric(smooth_fn, pos1, neg_hess=hess)
     if imm0 is not None:
         from jax.flatten_util import ravel_pytree
 

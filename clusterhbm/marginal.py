@@ -69,7 +69,7 @@ star's track (and its parallax) to first order,
 
     mu_i(EEP) = mu(EEP) + J(EEP) delta_i,
 
-with J the track's Jacobian at fixed EEP in log age, [Fe/H] and A_V (forward mode, once
+with J the track's Jacobian at fixed EEP in log age, [Fe/H] and A_V (a secant, once
 per evaluation with the track: :func:`track_and_jacobian`; EEPs align the phases, so the
 track moves smoothly at fixed EEP; the second-order error is measured in
 ``tests/test_marginal.py``), and for distance 5 / (d ln 10) in every band and
@@ -88,6 +88,7 @@ drawn from their Gaussian conditional at every draw (``log_age``, ``feh``,
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -343,30 +344,68 @@ def _linear_names(config: ModelConfig) -> tuple:
     return tuple(n for n, on in zip(_LINEAR, config.fit_widths) if on and n)
 
 
+#: the secant's smallest half-step in log age [dex], [Fe/H] [dex] and A_V [mag]
+#: (:func:`track_and_jacobian`)
+SECANT_H0 = {"log_age": 0.01, "feh": 0.02, "av_mag": 0.02}
+
+
+def _axis_range(grid: ModelGrid, name: str):
+    if name == "log_age":
+        return grid.iso.log_age[0], grid.iso.log_age[-1]
+    if name == "feh":
+        return (jnp.maximum(grid.iso.feh[0], grid.bc.feh[0]),
+                jnp.minimum(grid.iso.feh[-1], grid.bc.feh[-1]))
+    return grid.bc.av[0], grid.bc.av[-1]
+
+
 def track_and_jacobian(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors,
                        *, n_q: int = 24, refine: int = 1):
     """The track at the population means and, when age, [Fe/H] or A_V widths are fitted,
-    its Jacobian d mags / d (those parameters) at fixed EEP, shape (W, T, K, B) (else
-    None); forward mode, the primal shared."""
+    its slope d mags / d (those parameters) at fixed EEP, shape (W, T, K, B) (else None).
+
+    The slope is a central secant over x +- h, h = sqrt(sigma^2 + h0^2) (``SECANT_H0``),
+    not the tangent: the grids are interpolated linearly (in log age and [Fe/H] between
+    isochrones, in Teff, log g, [Fe/H] and A_V in the BC tables), so the tangent jumps
+    wherever a node crosses a grid line, and the density with it (seen as a 0.5 jump in
+    log density along log age for 60 stars; NUTS then needs hundreds of steps). The secant
+    of a continuous function is continuous, and at h ~ sigma it is the slope averaged
+    over the offsets' spread (statistical linearisation). Near a grid edge the pair of
+    points slides inside the grid (one-sided then); a node valid at x but not at one of
+    the points takes the one-sided difference, at neither 0.
+    """
     names = _linear_names(config)
     if not names:
         return track(popv, grid, config, priors, n_q=n_q, refine=refine), None
-    x0 = jnp.stack([jnp.asarray(popv[k]) for k in names])
 
-    def f(x):
+    def at(x):
         pv = dict(popv)
-        for i, k in enumerate(names):
-            pv[k] = x[i]
+        pv.update(x)
         pv["iso_table"] = isochrone_table(grid.iso, pv["log_age"], pv["feh"],
                                           cubic=config.cubic)
         pv["bc_slice"] = bc_slice(grid.bc, pv["feh"], pv["av_mag"], config.band_idx,
                                   cubic=config.cubic)
-        return track(pv, grid, config, priors, n_q=n_q, refine=refine)
+        return track(pv, grid, config, priors, n_q=n_q, refine=refine).mags
 
-    tr, dtr = jax.vmap(lambda t: jax.jvp(f, (x0,), (t,)), out_axes=(None, 0))(
-        jnp.eye(len(names), dtype=x0.dtype))
-    jac = jnp.where(tr.mags[None] < _BIG_MAG, dtr.mags, 0.0)
-    return tr, jac
+    tr = track(popv, grid, config, priors, n_q=n_q, refine=refine)
+    ok0 = tr.mags < _BIG_MAG
+    jac = []
+    for k in names:
+        x = jnp.asarray(popv[k])
+        h = jnp.sqrt(jnp.square(popv["sigma_" + k]) + SECANT_H0[k] ** 2)
+        lo, hi = _axis_range(grid, k)
+        h = jnp.minimum(h, 0.5 * (hi - lo))
+        x_lo = jnp.clip(x - h, lo, hi - 2.0 * h)
+        x_hi = x_lo + 2.0 * h
+        m_lo, m_hi = at({k: x_lo}), at({k: x_hi})
+        ok_lo, ok_hi = m_lo < _BIG_MAG, m_hi < _BIG_MAG
+        both = (m_hi - m_lo) / (x_hi - x_lo)
+        up = (m_hi - tr.mags) / jnp.maximum(x_hi - x, 1e-6)
+        down = (tr.mags - m_lo) / jnp.maximum(x - x_lo, 1e-6)
+        j = jnp.where(ok_lo & ok_hi, both,
+                      jnp.where(ok_hi & (x_hi - x > 0.25 * h), up,
+                                jnp.where(ok_lo & (x - x_lo > 0.25 * h), down, 0.0)))
+        jac.append(jnp.where(ok0, j, 0.0))
+    return tr, jnp.stack(jac)
 
 
 class Widths(NamedTuple):
@@ -867,49 +906,11 @@ def select_segments(pops, data: StarData, grid: ModelGrid, config: ModelConfig,
     when it changes). Returns (N, S) int32.
     """
     n_tracks = 1 + (opts.n_q if config.binaries else 0)
-    cand = opts._replace(n_blocks=n_candidate_blocks)
-
-    @jax.jit
-    def rank(data_b, pops):
-        def one_state(pop, data_i):
-            popv = marginal_state(pop, config, priors, grid)
-            tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
-            terms, j, seg, _, _ = _star_items(tr, data_i, priors, cand)
-            w = _weighted_items(terms, j, tr, popv, config)
-            idx = j * (tr.mags.shape[1] - 1) + seg
-            if n_tracks > 1:
-                # the single track's own nearest blocks: for a star far above the
-                # isochrone (a blue straggler) every nearest block is a binary one
-                tr1 = tr._replace(mags=tr.mags[:1], smear=tr.smear[:1])
-                t1, j1, s1, _, _ = _star_items(tr1, data_i, priors,
-                                               cand._replace(n_blocks=max(
-                                                   n_candidate_blocks // 4, 1)))
-                w1 = _weighted_items(t1, j1, tr, popv, config)
-                idx = jnp.concatenate([idx, s1])
-                w = jnp.concatenate([w, w1])
-            return idx, w
-
-        def one(data_i):
-            return jax.vmap(one_state, in_axes=(0, None))(pops, data_i)
-
-        return jax.vmap(one)(data_b)
-
     k1 = (grid.iso.eep.shape[0] - 1) * opts.refine
-    n_all = n_tracks * k1
-
-    def top(idx, w):
-        best = jnp.full((n_all,), -jnp.inf).at[idx.reshape(-1)].max(w.reshape(-1))
-        if n_tracks == 1:
-            return jax.lax.top_k(best, min(n_segments, n_all))[1].astype(jnp.int32)
-        # quotas: the single track's own quarter, so that the many near-identical low-q
-        # binary segments cannot crowd out a single star's
-        n1 = min(max(n_segments // 4, 1), k1)
-        i1 = jax.lax.top_k(best[:k1], n1)[1]
-        i2 = jax.lax.top_k(best[k1:], min(n_segments - n1, n_all - k1))[1] + k1
-        return jnp.concatenate([i1, i2]).astype(jnp.int32)
-
-    top_b = jax.jit(jax.vmap(top))
+    static = {"config": config, "priors": priors, "opts": opts,
+              "n_candidate_blocks": n_candidate_blocks}
     n = data.mag.shape[0]
+    n_states = jax.tree.leaves(pops)[0].shape[0]
     out = []
     for i0 in range(0, n, batch):
         part = jax.tree.map(lambda x, i0=i0: x[i0:i0 + batch], tuple(data))
@@ -917,6 +918,53 @@ def select_segments(pops, data: StarData, grid: ModelGrid, config: ModelConfig,
         if m < batch:  # pad: one compiled shape
             part = jax.tree.map(lambda x, m=m: jnp.concatenate(
                 [x, jnp.repeat(x[-1:], batch - m, 0)]), part)
-        idx, w = rank(part, pops)
-        out.append(top_b(idx, w)[:m])
+        best = None
+        for k in range(n_states):  # one state at a time: one compiled program per fit
+            pop = jax.tree.map(lambda x, k=k: x[k], pops)
+            b = _segment_scores(part, pop, grid, **static)
+            best = b if best is None else jnp.maximum(best, b)
+        out.append(_top_segments(best, n_segments=n_segments, n_tracks=n_tracks,
+                                 k1=k1)[:m])
     return jnp.concatenate(out, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "priors", "opts", "n_candidate_blocks"))
+def _segment_scores(data_b, pop, grid, *, config, priors, opts, n_candidate_blocks):
+    """(batch, T (K - 1)): every segment's largest weighted member term at the state
+    ``pop`` for each star of the batch (-inf: not among its candidate blocks)."""
+    n_tracks = 1 + (opts.n_q if config.binaries else 0)
+    cand = opts._replace(n_blocks=n_candidate_blocks)
+    popv = marginal_state(pop, config, priors, grid)
+    tr = track(popv, grid, config, priors, n_q=opts.n_q, refine=opts.refine)
+    n_all = n_tracks * (tr.mags.shape[1] - 1)
+
+    def one(data_i):
+        terms, j, seg, _, _ = _star_items(tr, data_i, priors, cand)
+        w = _weighted_items(terms, j, tr, popv, config)
+        idx = j * (tr.mags.shape[1] - 1) + seg
+        if n_tracks > 1:
+            # the single track's own nearest blocks: for a star far above the isochrone
+            # (a blue straggler) every nearest block is a binary one
+            tr1 = tr._replace(mags=tr.mags[:1], smear=tr.smear[:1])
+            t1, j1, s1, _, _ = _star_items(tr1, data_i, priors, cand._replace(
+                n_blocks=max(n_candidate_blocks // 4, 1)))
+            w1 = _weighted_items(t1, j1, tr, popv, config)
+            idx = jnp.concatenate([idx, s1])
+            w = jnp.concatenate([w, w1])
+        return jnp.full((n_all,), -jnp.inf, w.dtype).at[idx].max(w)
+
+    return jax.vmap(one)(data_b)
+
+
+@functools.partial(jax.jit, static_argnames=("n_segments", "n_tracks", "k1"))
+def _top_segments(best, *, n_segments, n_tracks, k1):
+    """Per star (rows of ``best``), the ``n_segments`` best segments; with binaries the
+    single track keeps a quarter of them, so that the many near-identical low-q binary
+    segments cannot crowd out a single star's."""
+    n_all = n_tracks * k1
+    if n_tracks == 1:
+        return jax.lax.top_k(best, min(n_segments, n_all))[1].astype(jnp.int32)
+    n1 = min(max(n_segments // 4, 1), k1)
+    i1 = jax.lax.top_k(best[:, :k1], n1)[1]
+    i2 = jax.lax.top_k(best[:, k1:], min(n_segments - n1, n_all - k1))[1] + k1
+    return jnp.concatenate([i1, i2], -1).astype(jnp.int32)

@@ -452,6 +452,44 @@ def test_width_density_gradient_matches_finite_differences(grid, mixture_mock):
 
 
 @pytest.mark.slow
+def test_width_density_is_continuous_between_grid_nodes(grid):
+    """Along log age, [Fe/H] and A_V (between grid nodes, linear scheme, all four widths)
+    the density's change between neighbouring points equals the trapezoid of its
+    gradient: no jumps. The track's tangent slope jumps wherever a node's Teff crosses a
+    BC-table line, which made the density jump (largest |change - trapezoid| in log age /
+    [Fe/H] / A_V: 0.45 / 0.09 / 0.004 with the tangent); the secant slope
+    (:func:`track_and_jacobian`) is continuous (0.013 / 0.002 / 0.001)."""
+    truth = {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1}
+    wid = {"sigma_log_age": 0.02, "sigma_feh": 0.03, "sigma_distance_pc": 1.5,
+           "sigma_av_mag": 0.03}
+    sim = simulate_cluster(ClusterParams(**truth, **wid), n_stars=60, seed=1000, grid=grid)
+    fd = prepare_data(sim.catalogue, member_prob_column=None)
+    cfg0, pri, opts = _config(), Priors(), MarginalOptions()
+    p0 = pop_to_unconstrained(truth, cfg0)
+    sel = select_segments(jax.tree.map(lambda x: x[None], p0), fd.data, grid, cfg0, pri,
+                          opts, n_segments=192)
+    cfg = cfg0._replace(fit_widths=WIDE)
+    pos = pop_to_unconstrained({**truth, **wid}, cfg)
+    f = jax.jit(jax.value_and_grad(lambda q: log_density_marginal(q, fd.data, grid, cfg,
+                                                                  pri, opts, sel=sel)))
+    worst = {}
+    for name, start, step in (("log_age", 7.9905, 0.0005), ("feh", 0.05, 0.0025),
+                              ("av_raw", float(pos["av_raw"]) - 0.01, 0.001)):
+        vals, grads = [], []
+        for k in range(21):
+            q = dict(pos)
+            q[name] = jnp.asarray(start + k * step, pos["feh"].dtype)
+            v, g = f(q)
+            vals.append(float(v))
+            grads.append(float(g[name]))
+        vals, grads = np.array(vals), np.array(grads)
+        assert np.all(np.isfinite(vals)) and np.all(np.isfinite(grads))
+        worst[name] = np.max(np.abs(np.diff(vals) - 0.5 * (grads[1:] + grads[:-1]) * step))
+    print("largest |change - trapezoid| per axis:", worst)
+    assert max(worst.values()) < 0.05, worst
+
+
+@pytest.mark.slow
 def test_marginal_fit_with_a_distance_width_recovers_it(grid):
     """End to end with a width: a 80-star cluster at 150 pc whose members are spread by
     2% in distance (3 pc; Gaia parallaxes resolve ~0.3-1% per star) is fitted with the

@@ -63,11 +63,13 @@ def _run(notebook: Path, base: Path):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """Run every notebook once, two at a time (compiling is single-threaded, 2 cores)."""
+    """Run every notebook once, two at a time (compiling is single-threaded, 2 cores), or
+    one at a time under pytest-xdist (another worker has the other core)."""
     base = tmp_path_factory.mktemp("notebooks")
     runnable = [nb for nb in NOTEBOOKS
                 if not (NEEDS_DATA.get(nb.stem) and not (CLUSTERS / NEEDS_DATA[nb.stem]).exists())]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    workers = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {nb.stem: pool.submit(_run, nb, base) for nb in runnable}
         return {k: f.result() for k, f in futures.items()}
 
