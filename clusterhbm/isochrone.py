@@ -14,9 +14,21 @@ One star per call; ``vmap`` for many. Two input coordinates:
   region ends smoothly at the interpolated end of the isochrone rather than at the
   bracketing node's.
 
-Validity: a point is valid when (log age, [Fe/H]) lie on the axes and every EEP row the
-stencil's inner cell needs is a real row of its isochrone. Invalid points return finite
-(extrapolated) values with ``valid = False``: the likelihood turns them into -inf.
+Validity: a point is valid when (log age, [Fe/H]) lie on the axes and its EEP lies in
+the EEP range ``[lo, hi]`` (:func:`eep_range`). ``lo`` is the bracketing isochrones'
+first real rows interpolated with the values' bilinear (log age, [Fe/H]) weights, a
+fractional EEP, continuous in (log age, [Fe/H]) and at a grid node that isochrone's own.
+(The corners' common first row, max(first), jumped by up to 6 EEPs at a node: the
+track's low-mass end, ~0.1 Msun, jumped by a few per cent in mass and up to 0.8 mag, and
+the marginal log density of a 100-star mock at 150 pc by 39 at [Fe/H] = 0 and by 2441 at
+-0.25; ``scripts/node_continuity.py``.) Between ``lo`` and the last corner's first row, a
+corner whose isochrone has no row there enters with its edge row (the grid pads each
+isochrone with copies of its edge rows, :func:`clusterhbm.grid.load_grid`): at most 6
+EEPs, all at ~0.1 Msun. ``hi`` stays the corners' common last row, min(last): the last
+rows differ only below log age 6.5, by up to 320 EEPs (the massive tracks end in
+different phases), and padding over those would invent a track; so the bright end still
+jumps at those nodes (few stars, < 3 Myr). Invalid points return finite (extrapolated)
+values with ``valid = False``: the likelihood turns them into -inf.
 """
 
 from __future__ import annotations
@@ -139,7 +151,7 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
         _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
         y = _cubic_at_nodes(grid, nodes, log_age, feh, columns)  # (4, ncol)
         v = steffen_unit(y.T, t, i - 1 >= lo, i + 2 <= hi)  # (ncol,)
-        valid = (i >= lo) & (i + 1 <= hi)
+        valid = (eep >= grid.eep[0] + lo) & (eep <= grid.eep[0] + hi)
     else:
         ifeh, wfeh, _, _, _ = _axis(feh, grid.feh, False)
         iage, wage, _, _, _ = _axis(log_age, grid.log_age, False)
@@ -147,13 +159,10 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
         cols = jnp.asarray(columns)
         vals = grid.data[ifeh[:, None, None, None], iage[None, :, None, None],
                          ieep[None, None, :, None], cols[None, None, None, :]]  # (2,2,2,nc)
-        first = grid.first[ifeh[:, None], iage[None, :]]  # (2, 2)
-        last = grid.last[ifeh[:, None], iage[None, :]]
-        real = ((ieep[None, None, :] >= first[..., None])
-                & (ieep[None, None, :] <= last[..., None]))
         w = wfeh[:, None, None] * wage[None, :, None] * weep[None, None, :]
         v = jnp.einsum("abe,abec->c", w, vals)
-        valid = jnp.all(real)
+        _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
+        valid = (eep >= grid.eep[0] + lo) & (eep <= grid.eep[0] + hi)
     valid = valid & in_feh & in_age & in_eep
     # Phase: the code at the nearest node (a label, not interpolated).
     def near(x, nodes):
@@ -180,17 +189,27 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
 
 
 def _bracket(grid: IsochroneGrid, log_age, feh):
-    """Bilinear (feh, age) bracket: indices (2,), (2,), weights (2, 2), common EEP range."""
+    """Bilinear (feh, age) bracket: indices (2,), (2,), weights (2, 2), and the EEP range
+    ``lo, hi`` as (fractional) row indices: the corners' first real rows with the same
+    weights, and their common last row (see the module docstring)."""
     ifeh, wfeh, in_feh, _, _ = _axis(feh, grid.feh, False)
     iage, wage, in_age, _, _ = _axis(log_age, grid.log_age, False)
     w = wfeh[:, None] * wage[None, :]
-    lo = jnp.max(grid.first[ifeh[:, None], iage[None, :]])
-    hi = jnp.min(grid.last[ifeh[:, None], iage[None, :]])
+    lo = jnp.sum(w * grid.first[ifeh[:, None], iage[None, :]])
+    hi = jnp.min(grid.last[ifeh[:, None], iage[None, :]]).astype(lo.dtype)
     return ifeh, iage, w, lo, hi, in_feh & in_age
 
 
+def _node_range(lo, hi, n):
+    """The integer node range ``[floor(lo), ceil(hi)]`` around a fractional EEP range."""
+    lo_i = jnp.clip(jnp.floor(lo), 0, n - 2).astype(jnp.int32)
+    hi_i = jnp.clip(jnp.ceil(hi), lo_i + 1, n - 1).astype(jnp.int32)
+    return lo_i, hi_i
+
+
 def eep_range(grid: IsochroneGrid, log_age, feh):
-    """EEP interval ``(eep_min, eep_max)`` where :func:`interp_eep` (linear) is valid."""
+    """EEP interval ``(eep_min, eep_max)`` where :func:`interp_eep` is valid (fractional,
+    continuous in (log age, [Fe/H]))."""
     _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
     return grid.eep[0] + lo, grid.eep[0] + hi
 
@@ -211,7 +230,8 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
     # that values and gradients stay finite.
     log_age = jnp.clip(log_age, grid.log_age[0], grid.log_age[-1])
     feh = jnp.clip(feh, grid.feh[0], grid.feh[-1])
-    ifeh, iage, w, lo, hi, _ = _bracket(grid, log_age, feh)
+    ifeh, iage, w, lo_f, hi_f, _ = _bracket(grid, log_age, feh)
+    lo, hi = _node_range(lo_f, hi_f, grid.eep.shape[0])
 
     def mbar(j):
         m = grid.data[ifeh[:, None], iage[None, :], j, COL_INITIAL_MASS]
@@ -230,7 +250,7 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
     rising = m1 > m0
     t = (mass_msun - m0) / jnp.where(rising, m1 - m0, 1.0)
     eep = grid.eep[0] + j + jnp.clip(t, 0.0, 1.0)
-    valid = inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (hi > lo)
+    valid = inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (hi_f > lo_f)
     if cubic:
         # As table_eep_from_mass, on the cubic node values (Steffen across age and
         # [Fe/H], computed only at the nodes visited): a bisection over nodes finds the
@@ -259,7 +279,7 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
         m_lo = mk[4] + eps * (grid.eep[0] + lo)
         m_hi = mk[5] + eps * (grid.eep[0] + hi)
         y = mk[:4]  # initial mass at nodes c-1 .. c+2
-        left_ok, right_ok = c - 1 >= lo, c + 2 <= hi
+        left_ok, right_ok = c - 1 >= lo_f, c + 2 <= hi_f
 
         def mcub(u, y=y):  # as the table's: Steffen on mass, plus the linear eps term
             return steffen_unit(y, u, left_ok, right_ok) + eps * (grid.eep[0] + c + u)
@@ -277,7 +297,9 @@ def eep_from_mass(grid: IsochroneGrid, mass_msun, log_age, feh, *, cubic: bool =
         r, dr = jax.jvp(lambda u: mcub(u) - mass_msun, (u0,), (jnp.ones_like(u0),))
         safe = dr > 1e-12
         eep = grid.eep[0] + c + u0 - jnp.where(safe, r / jnp.where(safe, dr, 1.0), 0.0)
-        valid = inside & (mass_msun >= m_lo) & (mass_msun <= m_hi) & (hi > lo)
+        valid = inside & (mass_msun >= m_lo) & (mass_msun <= m_hi) & (hi_f > lo_f)
+    # the fractional range: masses between the nodes' and the range's end are invalid
+    valid = valid & (eep >= grid.eep[0] + lo_f) & (eep <= grid.eep[0] + hi_f)
     return eep, valid
 
 
@@ -307,7 +329,7 @@ class IsochroneTable(NamedTuple):
 
     values : (n_eep, 5) initial mass, current mass, log Teff, log g, log L at every node
     phase : (n_eep,) phase code at the nearest (age, [Fe/H]) node
-    lo, hi : int, first and last node real on all four bracketing isochrones
+    lo, hi : float, the EEP range as fractional row indices (:func:`eep_range`)
     inside : bool, (log age, [Fe/H]) on the grid's axes
     eep0 : the first EEP (1)
     """
@@ -371,7 +393,7 @@ def table_interp(table: IsochroneTable, eep, *, cubic: bool = False) -> StarProp
         v0 = table.values[i]
         v1 = table.values[i + 1]
         v = v0 + t * (v1 - v0)
-    valid = table.inside & in_eep & (i >= table.lo) & (i + 1 <= table.hi)
+    valid = table.inside & in_eep & (e >= table.eep0 + table.lo) & (e <= table.eep0 + table.hi)
     phase = table.phase[jnp.clip(jnp.round(e - table.eep0).astype(jnp.int32), 0, n - 1)]
     return StarProperties(initial_mass=v[0], star_mass=v[1], log_teff=v[2], logg=v[3],
                           logl=v[4], phase=phase, eep=jnp.asarray(eep, v.dtype), valid=valid)
@@ -386,7 +408,7 @@ def table_eep_from_mass(table: IsochroneTable, mass_msun, *, eps: float = 0.0,
     no gradient) and one Newton step (value change ~0, the implicit-function gradient)
     invert it."""
     n = table.values.shape[0]
-    lo, hi = table.lo, table.hi
+    lo, hi = _node_range(table.lo, table.hi, n)
 
     def mbar(j):
         return table.values[j, 0] + eps * (table.eep0 + j)
@@ -404,7 +426,8 @@ def table_eep_from_mass(table: IsochroneTable, mass_msun, *, eps: float = 0.0,
     rising = m1 > m0
     t = (mass_msun - m0) / jnp.where(rising, m1 - m0, 1.0)
     eep = table.eep0 + j + jnp.clip(t, 0.0, 1.0)
-    valid = table.inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (hi > lo)
+    valid = table.inside & (mass_msun >= mbar(lo)) & (mass_msun <= mbar(hi)) & (
+        table.hi > table.lo)
     if cubic:
         def mcub(u):
             return _table_cubic(table, j, u, col=0) + eps * (table.eep0 + j + u)
@@ -422,6 +445,7 @@ def table_eep_from_mass(table: IsochroneTable, mass_msun, *, eps: float = 0.0,
         r, dr = jax.jvp(lambda u: mcub(u) - mass_msun, (u0,), (jnp.ones_like(u0),))
         safe = dr > 1e-12
         eep = table.eep0 + j + u0 - jnp.where(safe, r / jnp.where(safe, dr, 1.0), 0.0)
+    valid = valid & (eep >= table.eep0 + table.lo) & (eep <= table.eep0 + table.hi)
     return eep, valid
 
 

@@ -97,7 +97,7 @@ from jax.scipy.special import log_ndtr, ndtr, ndtri
 
 from .grid import ModelGrid
 from .imf import imf_cdf, log_imf
-from .isochrone import isochrone_table, table_eep_range, table_interp
+from .isochrone import isochrone_table, table_eep_from_mass, table_eep_range, table_interp
 from .model import (
     WIDTH_PARAMS,
     ModelConfig,
@@ -217,17 +217,36 @@ def segment_log_integral(r0, delta, prec, smear=None, a_min: float = 1e-8, lowra
     V -> V + U U' (Woodbury; instead of ``smear``). Returns (log integral, t*, A).
     """
     if lowrank is not None:
-        pu = prec[..., :, None] * lowrank
-        k = lowrank.shape[-1]
-        m = jnp.eye(k, dtype=lowrank.dtype) + jnp.einsum("...bi,...bj->...ij", lowrank, pu)
-        chol = small_cholesky(m)
+        # element by element on (...)-shaped arrays: with the k x k matrices as trailing
+        # axes XLA's CPU code was 6x slower at k = 4 than at k = 3 (scripts/
+        # bench_marginal_widths.py)
+        nb, k = lowrank.shape[-2], lowrank.shape[-1]
+        pb = [prec[..., b] for b in range(nb)]
+        pu = [[pb[b] * lowrank[..., b, i] for i in range(k)] for b in range(nb)]
+        chol = [[None] * k for _ in range(k)]
+        for j in range(k):
+            for i in range(j, k):
+                v = sum(lowrank[..., b, i] * pu[b][j] for b in range(nb)) + (i == j)
+                v = v - sum(chol[i][q] * chol[j][q] for q in range(j))
+                if i == j:
+                    chol[j][j] = jnp.sqrt(jnp.maximum(v, 1e-30))
+                else:
+                    chol[i][j] = v / chol[j][j]
 
         def white(x):
-            return small_lower_solve(chol, jnp.einsum("...bi,...b->...i", pu, x))
+            out = []
+            for i in range(k):
+                v = sum(pu[b][i] * x[..., b] for b in range(nb))
+                v = v - sum(chol[i][q] * out[q] for q in range(i))
+                out.append(v / chol[i][i])
+            return out
+
+        whitened = {id(delta): white(delta), id(r0): white(r0)}  # dot() sees only these
 
         def dot(x, y):
-            return jnp.sum(x * prec * y, axis=-1) - jnp.sum(white(x) * white(y), axis=-1)
-        logdet_extra = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+            return jnp.sum(x * prec * y, axis=-1) - sum(
+                a * b for a, b in zip(whitened[id(x)], whitened[id(y)]))
+        logdet_extra = 2.0 * sum(jnp.log(chol[i][i]) for i in range(k))
     elif smear is None:
         def dot(x, y):
             return jnp.sum(x * prec * y, axis=-1)
@@ -282,8 +301,19 @@ def track(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors, *,
     table = popv["iso_table"]
     bcs = popv.get("bc_slice")
     n = table.values.shape[0]
-    eeps = table.eep0 + jnp.arange((n - 1) * refine + 1, dtype=table.values.dtype) / refine
+    # the nodes clipped to the (fractional) EEP range: the first and last segments end at
+    # the range's ends, so the track's ends move continuously with (log age, [Fe/H]);
+    # the segments outside have length 0 (masked)
     lo, hi = table_eep_range(table)
+    # ... and to the IMF's lower limit, so the first segment starts at m_min (the grid's
+    # lowest masses are ~0.1 Msun, m_min's default) rather than a segment switching on or
+    # off as its middle crosses m_min (the mask below stays for zero-length segments)
+    e_min, ok_min = table_eep_from_mass(table, jnp.asarray(priors.m_min, table.values.dtype),
+                                        cubic=config.cubic)
+    lo = jnp.where(ok_min, jnp.maximum(lo, e_min), lo)
+    eeps = jnp.clip(
+        table.eep0 + jnp.arange((n - 1) * refine + 1, dtype=table.values.dtype) / refine,
+        lo, hi)
     props = jax.vmap(lambda e: table_interp(table, e, cubic=config.cubic))(eeps)
     obs = jax.vmap(lambda pr: photometry(grid.bc, pr, popv["feh"], popv["distance_pc"],
                                          popv["av_mag"], config.band_idx,
@@ -294,7 +324,7 @@ def track(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Priors, *,
     kw = _imf_kwargs(config, priors, popv)
     m_mid = 0.5 * (m[1:] + m[:-1])
     dm = jnp.maximum(m[1:] - m[:-1], 0.0)
-    seg_ok = inside[1:] & inside[:-1] & (m_mid >= priors.m_min)
+    seg_ok = inside[1:] & inside[:-1] & (m_mid >= priors.m_min) & (eeps[1:] > eeps[:-1])
     m_hi = jnp.clip(jnp.max(jnp.where(inside, m, 0.0)), priors.m_min * 1.0001, priors.m_max)
     log_z = jnp.log(jnp.maximum(imf_cdf(m_hi, **kw), 1e-12))
     lw = log_imf(jnp.clip(m_mid, priors.m_min, priors.m_max), **kw) + jnp.log(

@@ -550,8 +550,8 @@ def log_p_detect(popv: dict, grid: ModelGrid, config: ModelConfig, priors: Prior
     bcs = popv.get("bc_slice")
     if bcs is None:
         bcs = bc_slice(grid.bc, fe, av, config.band_idx, cubic=config.cubic)
-    eeps = grid.iso.eep
     lo, hi = table_eep_range(table)
+    eeps = jnp.clip(grid.iso.eep, lo, hi)  # the range's ends as nodes (continuous in phi)
     props = jax.vmap(lambda e: table_interp(table, e, cubic=config.cubic))(eeps)
     obs = jax.vmap(lambda pr: photometry(grid.bc, pr, fe, popv["distance_pc"], av,
                                          config.band_idx, cubic=config.cubic,

@@ -473,3 +473,51 @@ def test_no_validity_wall_at_feh_node(grid):
         # a 0.3 Msun dwarf is on the grid at [Fe/H] +0.4
         props = clusterhbm.isochrone.interp_mass(grid.iso, 0.3, log_age, 0.4)
         assert bool(props.valid) and np.isfinite(float(props.log_teff))
+
+
+def test_eep_range_is_continuous_across_grid_nodes(grid):
+    """The valid EEP range's low end is the bracketing isochrones' first rows
+    interpolated with the values' weights, so it moves continuously as (log age, [Fe/H])
+    cross grid nodes and equals the node isochrone's own first row there (the corners'
+    common first row, max(first), jumped by up to 6 EEPs at a node and differed from the
+    node's own). The high end (common last row) too at log age >= 6.5,
+    where every isochrone ends at the grid's last EEP. eep_from_mass is valid just above
+    the low end's mass and not just below."""
+    from clusterhbm.isochrone import eep_range, interp_eep
+
+    iso = grid.iso
+    la, fe = np.asarray(iso.log_age), np.asarray(iso.feh)
+    first, last = np.asarray(iso.first), np.asarray(iso.last)
+    e0 = float(iso.eep[0])
+    f = jax.jit(jax.vmap(lambda a, z: jnp.stack(eep_range(iso, a, z))))
+    h = 1e-4
+    worst = 0.0
+    for axis in ("age", "feh"):
+        ia = np.arange(1, la.size - 1) if axis == "age" else np.arange(0, la.size, 4)
+        jf = np.arange(0, fe.size, 2) if axis == "age" else np.arange(1, fe.size - 1)
+        A, Z = np.meshgrid(la[ia], fe[jf], indexing="ij")
+        da, dz = (h, 0.0) if axis == "age" else (0.0, h)
+        a, z = A.ravel(), Z.ravel()
+        v = [np.asarray(f(a + k * da, z + k * dz)) for k in (-2, -1, 0, 1, 2)]
+        own = np.stack([first[np.ix_(jf, ia)].T.ravel(), last[np.ix_(jf, ia)].T.ravel()], -1)
+        np.testing.assert_allclose(v[2][:, 0], e0 + own[:, 0], atol=1e-3)
+        old_enough = a >= 6.55  # and its younger neighbour >= 6.5
+        np.testing.assert_allclose(v[2][old_enough, 1], e0 + own[old_enough, 1])
+        # bilinear: linear on each side of the node, so a jump at the node is what the
+        # step onto the node adds to the neighbouring step's change
+        jump_dn = np.where(old_enough[:, None], (v[2] - v[1]) - (v[1] - v[0]), 0.0)
+        jump_up = np.where(old_enough[:, None], (v[3] - v[2]) - (v[4] - v[3]), 0.0)
+        jump_dn[:, 0] = ((v[2] - v[1]) - (v[1] - v[0]))[:, 0]
+        jump_up[:, 0] = ((v[3] - v[2]) - (v[4] - v[3]))[:, 0]
+        worst = max(worst, np.max(np.abs(jump_dn)), np.max(np.abs(jump_up)))
+    print("largest jump of the EEP range at a node:", worst)
+    assert worst < 0.02, worst
+    # eep_from_mass at the low end: valid above the range's lowest mass, not below
+    a, z = 8.0 + 0.3 * (la[1] - la[0]), -0.1
+    lo, _ = eep_range(iso, a, z)
+    m_lo = float(interp_eep(iso, lo, a, z).initial_mass)
+    assert bool(interp_eep(iso, lo, a, z).valid)
+    assert not bool(interp_eep(iso, lo - 0.01, a, z).valid)
+    e_up, ok_up = clusterhbm.isochrone.eep_from_mass(iso, m_lo * 1.001, a, z)
+    _, ok_dn = clusterhbm.isochrone.eep_from_mass(iso, m_lo * 0.999, a, z)
+    assert bool(ok_up) and not bool(ok_dn) and float(e_up) >= float(lo)

@@ -155,17 +155,27 @@ def test_single_star_likelihood_matches_brute_force(grid, fine_isochrone, eep):
 @pytest.mark.slow
 @pytest.mark.parametrize("eep,q", [(300.0, 0.5), (300.0, 0.9), (420.0, 0.6)])
 def test_binary_likelihood_matches_brute_force(grid, fine_isochrone, eep, q):
-    """The binary likelihood (24 smeared q bins) against a 3000 x 50000-point integral
-    over q and the primary's mass (measured: within 0.05 in log)."""
+    """The binary likelihood (smeared q bins) against a 3000 x 50000-point integral over q
+    and the primary's mass. Measured (this set-up), log L error at n_q = 12, 24,
+    48, 96: lower main sequence q = 0.5: -0.19, -0.12, -0.014, -0.007 (the wide bins of
+    the brightening spacing, where a 0.3 Msun secondary's light is not q^4.5); q = 0.9:
+    < 0.002; turnoff q = 0.6: -0.013, -0.010, -0.007, -0.006. The default (24) is within
+    0.15; the error shrinks with n_q (within 0.02 at 96)."""
     cfg, pri, popv, fine, m, mags, limf, log_z = fine_isochrone
-    tr = track(popv, grid, cfg, pri, n_q=24)
     i = int(np.argmin(np.abs(fine - eep)))
     g2 = np.array([np.interp(q * m[i], m, mags[:, b]) for b in range(3)])
     y = mags[i] - 2.5 * np.log10(1 + 10 ** (-0.4 * (g2 - mags[i]))) + np.array(
         [0.003, -0.004, 0.002])
-    _, ll_b, *_ = star_log_likelihoods(tr, popv, _data_i(y), cfg, pri,
-                                       MarginalOptions(n_blocks=None))
-    assert float(ll_b) == pytest.approx(_brute_binary(y, m, mags, limf, log_z), abs=0.08)
+    ref = _brute_binary(y, m, mags, limf, log_z)
+    err = {}
+    for n_q in (24, 96):
+        tr = track(popv, grid, cfg, pri, n_q=n_q)
+        _, ll_b, *_ = star_log_likelihoods(tr, popv, _data_i(y), cfg, pri,
+                                           MarginalOptions(n_blocks=None))
+        err[n_q] = float(ll_b) - ref
+    print(f"eep {eep} q {q}: log L error n_q=24 {err[24]:+.4f}, n_q=96 {err[96]:+.4f}")
+    assert abs(err[24]) < 0.15
+    assert abs(err[96]) < 0.02
 
 
 @pytest.fixture(scope="module")
@@ -453,12 +463,13 @@ def test_width_density_gradient_matches_finite_differences(grid, mixture_mock):
 
 @pytest.mark.slow
 def test_width_density_is_continuous_between_grid_nodes(grid):
-    """Along log age, [Fe/H] and A_V (between grid nodes, linear scheme, all four widths)
-    the density's change between neighbouring points equals the trapezoid of its
-    gradient: no jumps. The track's tangent slope jumps wherever a node's Teff crosses a
+    """Along log age, [Fe/H] and A_V (linear scheme, all four widths; the log age and
+    [Fe/H] scans cross the grid nodes 8.0 and 0.0) the density's change between
+    neighbouring points equals the trapezoid of its gradient: no jumps. The track's tangent slope jumps wherever a node's Teff crosses a
     BC-table line, which made the density jump (largest |change - trapezoid| in log age /
     [Fe/H] / A_V: 0.45 / 0.09 / 0.004 with the tangent); the secant slope
-    (:func:`track_and_jacobian`) is continuous (0.013 / 0.002 / 0.001)."""
+    (:func:`track_and_jacobian`) is continuous (0.013 / 0.002 / 0.001 between nodes;
+    0.008 / 0.033 / 0.001 with the scans across 8.0 and 0.0, the EEP range interpolated)."""
     truth = {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1}
     wid = {"sigma_log_age": 0.02, "sigma_feh": 0.03, "sigma_distance_pc": 1.5,
            "sigma_av_mag": 0.03}
@@ -473,7 +484,7 @@ def test_width_density_is_continuous_between_grid_nodes(grid):
     f = jax.jit(jax.value_and_grad(lambda q: log_density_marginal(q, fd.data, grid, cfg,
                                                                   pri, opts, sel=sel)))
     worst = {}
-    for name, start, step in (("log_age", 7.9905, 0.0005), ("feh", 0.05, 0.0025),
+    for name, start, step in (("log_age", 7.9905, 0.0005), ("feh", -0.0245, 0.0025),
                               ("av_raw", float(pos["av_raw"]) - 0.01, 0.001)):
         vals, grads = [], []
         for k in range(21):
@@ -496,18 +507,20 @@ def test_marginal_fit_with_a_distance_width_recovers_it(grid):
     distance width free, the offsets integrated out. The width moves from its start (0.5%)
     to within 3 sd of the truth and away from zero, the mean distance is recovered, and
     every star carries its own (shrunk) distance draws, spread like the truth's.
-    Slow (~5 min idle); first run (2 x 150 draws, contended CPU): max R-hat 1.07, so the
-    chains here are still too short for the R-hat < 1.05 asserted."""
+    Slow. At 2 x (150 + 150) draws the max R-hat was 1.07 on one run and
+    1.14 on another (the width's chains too short for R-hat < 1.05; and the track's
+    low-mass end then jumped at [Fe/H] = 0, this mock's value); hence 2 x (300 + 300):
+    max R-hat 1.007, sigma_d 2.79 +- 0.28 pc, distance 150.9 +- 0.36 pc (200 s idle).
+    The recovery asserts come first, so that a failure says what was not recovered."""
     truth = {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1,
              "sigma_distance_pc": 3.0}
     sim = simulate_cluster(ClusterParams(**truth), n_stars=80, seed=21, grid=grid)
-    res = fit_cluster(sim.catalogue, num_chains=2, num_warmup=150, num_samples=150, seed=0,
+    res = fit_cluster(sim.catalogue, num_chains=2, num_warmup=300, num_samples=300, seed=0,
                       fit_widths=(False, False, True, False), grid=grid, marginal=True,
-                      optimise_steps=100, n_starts=2, max_num_doublings=6, chunk_size=150,
+                      optimise_steps=100, n_starts=2, max_num_doublings=6, chunk_size=300,
                       member_prob_column=None)
     s = res.summary()
     assert res.settings["fit_widths"] == [False, False, True, False]
-    assert max(v["rhat"] for v in s.values()) < 1.05, s
     sd = s["sigma_distance_pc"]
     assert abs(sd["mean"] - 3.0) < 3 * sd["sd"] and sd["q05"] > 1.0, sd
     dist = s["distance_pc"]
@@ -517,3 +530,39 @@ def test_marginal_fit_with_a_distance_width_recovers_it(grid):
     assert np.all(np.isfinite(d_i))
     # the per-star estimates follow the true distances (pooled towards the mean)
     assert np.corrcoef(d_i, true_d)[0, 1] > 0.6
+    print({k: (round(v["mean"], 4), round(v["sd"], 4), round(v["rhat"], 3)) for k, v in s.items()})
+    assert max(v["rhat"] for v in s.values()) < 1.05, s
+
+
+def test_track_low_mass_end_is_continuous_across_grid_nodes(grid):
+    """The track's lowest node (its mass, magnitudes) and the segments' total IMF weight
+    move continuously as (log age, [Fe/H]) cross grid nodes: the nodes are clipped to the
+    interpolated EEP range and to m_min. With the corners' common range (max(first)) the
+    low-mass end jumped by up to 6 EEPs at a node; for a 100-star mock at 150 pc the
+    marginal log density jumped by 39 at [Fe/H] = 0 and by 2441 at -0.25, now by < 0.01
+    (``scripts/node_continuity.py``). Before, the lowest node's G jumped by up to 0.8 mag
+    in this test."""
+    cfg, pri = _config(binaries=False), Priors()
+    f = jax.jit(lambda la, fe: _track_ends(
+        track(population_state(pop_to_unconstrained(
+            {"log_age": la, "feh": fe, "distance_pc": 150.0, "av_mag": 0.1}, cfg),
+            cfg, pri, grid), grid, cfg, pri)))
+    h = 1e-4
+    worst = {}
+    for la, fe in ((8.0, 0.0), (8.0, -0.25), (7.95, 0.0), (9.6, 0.25), (8.5, -1.0)):
+        for name, (da, dz) in (("log_age", (h, 0.0)), ("feh", (0.0, h))):
+            v = [np.asarray(f(la + k * da, fe + k * dz)) for k in (-2, -1, 0, 1, 2)]
+            assert all(np.all(np.isfinite(x)) for x in v)
+            jump = np.maximum(np.abs((v[2] - v[1]) - (v[1] - v[0])),
+                              np.abs((v[3] - v[2]) - (v[4] - v[3])))
+            worst[(la, fe, name)] = float(np.max(jump))
+    print("largest jump of (lowest mass, its G, BP, RP, total weight):", max(worst.values()))
+    assert max(worst.values()) < 0.01, worst
+
+
+def _track_ends(tr):
+    """(mass of the lowest valid node, its magnitudes, log of the total segment weight)."""
+    ok = tr.mags[0, :, 0] < 50.0
+    k = jnp.argmax(ok)
+    return jnp.concatenate([tr.mass[k][None], tr.mags[0, k],
+                            jax.scipy.special.logsumexp(tr.log_w)[None]])
