@@ -445,12 +445,15 @@ class Widths(NamedTuple):
     sig : (W,) their widths
     dist_mag, dist_plx : with a distance width, its column of U in the bands (same in
         each) and in parallax (sigma_d 5 / (d ln 10) and -sigma_d 1000 / d^2), else None
+    u_all : (T (K - 1), B', k) U of every segment (:func:`with_segment_lowrank`), which the
+        stars gather, or None (then each star builds its segments' U)
     """
 
     jac: jax.Array | None
     sig: jax.Array | None
     dist_mag: jax.Array | None
     dist_plx: jax.Array | None
+    u_all: jax.Array | None = None
 
 
 def width_terms(popv: dict, config: ModelConfig, jac) -> Widths | None:
@@ -467,21 +470,37 @@ def width_terms(popv: dict, config: ModelConfig, jac) -> Widths | None:
     return Widths(jac, sig, dm, dp)
 
 
-def _width_lowrank(wid: Widths, j, seg, smear):
+def _width_lowrank(wid: Widths, j, seg, smear, with_smear: bool = True):
     """The low-rank factor U (S, B', k) of the selected segments: the bin's smearing
-    vector, the linear widths' J sigma at the segment's middle, the distance column; B'
-    = B + 1 (parallax last) with a distance width."""
-    cols = [smear[..., None]]
+    vector ``smear`` (S, B) (left out with ``with_smear=False``: without binaries it is
+    0, and a zero column costs a sixth of the integral at k = 5), the linear widths' J
+    sigma at the segment's middle, the distance column; B' = B + 1 (parallax last) with
+    a distance width."""
+    cols = [smear[..., None]] if with_smear else []
     if wid.jac is not None:
         jm = 0.5 * (wid.jac[:, j, seg] + wid.jac[:, j, seg + 1])  # (W, S, B)
         cols.append(jnp.moveaxis(jm, 0, -1) * wid.sig)
-    u = jnp.concatenate(cols, -1)
+    u = jnp.concatenate(cols, -1) if cols else jnp.zeros(smear.shape + (0,), smear.dtype)
     if wid.dist_mag is None:
         return u
     u = jnp.concatenate([u, jnp.zeros(u.shape[:-2] + (1, u.shape[-1]), u.dtype)], -2)
     dcol = jnp.concatenate([jnp.broadcast_to(wid.dist_mag, u.shape[:-2] + (u.shape[-2] - 1,)),
                             jnp.broadcast_to(wid.dist_plx, u.shape[:-2] + (1,))], -1)
     return jnp.concatenate([u, dcol[..., None]], -1)
+
+
+def with_segment_lowrank(wid: Widths | None, tr: Track) -> Widths | None:
+    """``wid`` with U of every segment of every track built once (``u_all``): the stars
+    then gather their segments' rows. Building U per star (N x S small concatenations)
+    made the reverse pass ~10x dearer than the forward (all four widths, 60 stars x 192
+    segments: 103 -> see scripts/bench_marginal_widths.py)."""
+    if wid is None:
+        return None
+    t, k, _ = tr.mags.shape
+    flat = jnp.arange(t * (k - 1), dtype=jnp.int32)
+    j, seg = flat // (k - 1), flat % (k - 1)
+    return wid._replace(u_all=_width_lowrank(wid, j, seg, tr.smear[j, seg],
+                                             with_smear=t > 1))
 
 
 def _star_precision(mag, mag_err, floor):
@@ -635,7 +654,8 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor, wid: Widths |
         sm = jnp.where(use, sm, 0.0)
         li, t_star, a = segment_log_integral(r0, delta, prec, sm)
     else:
-        u = _width_lowrank(wid, j, seg, sm)
+        u = (wid.u_all[sel_i] if wid.u_all is not None
+             else _width_lowrank(wid, j, seg, sm, with_smear=tr.mags.shape[0] > 1))
         u = jnp.where(use[..., None], u, 0.0)
         li, t_star, a = segment_log_integral(r0, delta, prec, lowrank=u)
     return jnp.where(jnp.isfinite(lw), li + norm + lw, -jnp.inf), j, seg, t_star, a
@@ -766,6 +786,8 @@ def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: Mod
     tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
                                  refine=opts.refine)
     wid = width_terms(popv, config, jac)
+    if sel is not None:
+        wid = with_segment_lowrank(wid, tr)
 
     def one(data_i, sel_i):
         ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
