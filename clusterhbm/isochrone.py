@@ -144,11 +144,11 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
     feh = jnp.clip(feh, grid.feh[0], grid.feh[-1])
     log_age = jnp.clip(log_age, grid.log_age[0], grid.log_age[-1])
     eep = jnp.clip(eep, grid.eep[0], grid.eep[-1])
+    _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
     if cubic:
         n = grid.eep.shape[0]
         i, t, _ = locate_regular(eep, grid.eep[0], (grid.eep[-1] - grid.eep[0]) / (n - 1), n)
         nodes = jnp.clip(i - 1 + jnp.arange(4), 0, n - 1)
-        _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
         y = _cubic_at_nodes(grid, nodes, log_age, feh, columns)  # (4, ncol)
         v = steffen_unit(y.T, t, i - 1 >= lo, i + 2 <= hi)  # (ncol,)
         valid = (eep >= grid.eep[0] + lo) & (eep <= grid.eep[0] + hi)
@@ -161,7 +161,6 @@ def interp_eep(grid: IsochroneGrid, eep, log_age, feh, *, cubic: bool = False,
                          ieep[None, None, :, None], cols[None, None, None, :]]  # (2,2,2,nc)
         w = wfeh[:, None, None] * wage[None, :, None] * weep[None, None, :]
         v = jnp.einsum("abe,abec->c", w, vals)
-        _, _, _, lo, hi, _ = _bracket(grid, log_age, feh)
         valid = (eep >= grid.eep[0] + lo) & (eep <= grid.eep[0] + hi)
     valid = valid & in_feh & in_age & in_eep
     # Phase: the code at the nearest node (a label, not interpolated).

@@ -445,19 +445,23 @@ class Widths(NamedTuple):
     sig : (W,) their widths
     dist_mag, dist_plx : with a distance width, its column of U in the bands (same in
         each) and in parallax (sigma_d 5 / (d ln 10) and -sigma_d 1000 / d^2), else None
-    u_all : (T (K - 1), B', k) U of every segment (:func:`with_segment_lowrank`), which the
-        stars gather, or None (then each star builds its segments' U)
+    u_all : (T (K - 1), B', k) U of every segment of every track (:func:`_width_lowrank`),
+        built once per evaluation and gathered by the stars: built per star (N x S small
+        gathers and concatenations) its reverse pass cost ~10x the forward (all four
+        widths, 60 stars x 192 segments, no binaries: 90 -> 16 ms per value and gradient,
+        ``scripts/bench_marginal_widths.py``)
     """
 
     jac: jax.Array | None
     sig: jax.Array | None
     dist_mag: jax.Array | None
     dist_plx: jax.Array | None
-    u_all: jax.Array | None = None
+    u_all: jax.Array
 
 
-def width_terms(popv: dict, config: ModelConfig, jac) -> Widths | None:
-    """:class:`Widths` of a population state (None without widths)."""
+def width_terms(popv: dict, config: ModelConfig, jac, tr: Track) -> Widths | None:
+    """:class:`Widths` of a population state and its track ``tr`` (None without
+    widths)."""
     if not any(config.fit_widths):
         return None
     names = _linear_names(config)
@@ -467,7 +471,12 @@ def width_terms(popv: dict, config: ModelConfig, jac) -> Widths | None:
         d, sd = popv["distance_pc"], popv["sigma_distance_pc"]
         dm = sd * 5.0 / (d * jnp.log(10.0))
         dp = -sd * 1000.0 / (d * d)
-    return Widths(jac, sig, dm, dp)
+    t, k, _ = tr.mags.shape
+    flat = jnp.arange(t * (k - 1), dtype=jnp.int32)
+    j, seg = flat // (k - 1), flat % (k - 1)
+    wid = Widths(jac, sig, dm, dp, None)
+    return wid._replace(u_all=_width_lowrank(wid, j, seg, tr.smear[j, seg],
+                                             with_smear=t > 1))
 
 
 def _width_lowrank(wid: Widths, j, seg, smear, with_smear: bool = True):
@@ -487,20 +496,6 @@ def _width_lowrank(wid: Widths, j, seg, smear, with_smear: bool = True):
     dcol = jnp.concatenate([jnp.broadcast_to(wid.dist_mag, u.shape[:-2] + (u.shape[-2] - 1,)),
                             jnp.broadcast_to(wid.dist_plx, u.shape[:-2] + (1,))], -1)
     return jnp.concatenate([u, dcol[..., None]], -1)
-
-
-def with_segment_lowrank(wid: Widths | None, tr: Track) -> Widths | None:
-    """``wid`` with U of every segment of every track built once (``u_all``): the stars
-    then gather their segments' rows. Building U per star (N x S small concatenations)
-    made the reverse pass ~10x dearer than the forward (all four widths, 60 stars x 192
-    segments: 103 -> see scripts/bench_marginal_widths.py)."""
-    if wid is None:
-        return None
-    t, k, _ = tr.mags.shape
-    flat = jnp.arange(t * (k - 1), dtype=jnp.int32)
-    j, seg = flat // (k - 1), flat % (k - 1)
-    return wid._replace(u_all=_width_lowrank(wid, j, seg, tr.smear[j, seg],
-                                             with_smear=t > 1))
 
 
 def _star_precision(mag, mag_err, floor):
@@ -654,8 +649,7 @@ def _star_segments_selected(tr: Track, sel_i, mag, mag_err, floor, wid: Widths |
         sm = jnp.where(use, sm, 0.0)
         li, t_star, a = segment_log_integral(r0, delta, prec, sm)
     else:
-        u = (wid.u_all[sel_i] if wid.u_all is not None
-             else _width_lowrank(wid, j, seg, sm, with_smear=tr.mags.shape[0] > 1))
+        u = wid.u_all[sel_i]
         u = jnp.where(use[..., None], u, 0.0)
         li, t_star, a = segment_log_integral(r0, delta, prec, lowrank=u)
     return jnp.where(jnp.isfinite(lw), li + norm + lw, -jnp.inf), j, seg, t_star, a
@@ -785,9 +779,7 @@ def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: Mod
     popv = marginal_state(safe, config, priors, grid)
     tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
                                  refine=opts.refine)
-    wid = width_terms(popv, config, jac)
-    if sel is not None:
-        wid = with_segment_lowrank(wid, tr)
+    wid = width_terms(popv, config, jac, tr)
 
     def one(data_i, sel_i):
         ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
@@ -880,7 +872,7 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
     popv = marginal_state(pop, config, priors, grid)
     tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
                                  refine=opts.refine)
-    wid = width_terms(popv, config, jac)
+    wid = width_terms(popv, config, jac, tr)
     n = data.mag.shape[0]
     u = _uniform_from_bits(jnp.stack([jnp.asarray(pop[k], jnp.float32)
                                       for k in sorted(pop)]), n, _N_UNIFORM)
