@@ -130,6 +130,10 @@ def _add_fit(sub):
     p.add_argument("--n-q", type=int, default=24,
                    help="mass-ratio bins of the marginal model [24]")
     p.add_argument("--imf", default="kroupa", choices=("kroupa", "chabrier", "powerlaw"))
+    p.add_argument("--colour-correction", default=None, metavar="NAME|JSON",
+                   help="empirical correction of MIST's Gaia BP/RP: 'gaia-ms' (calibrated "
+                        "on six nearby clusters' main sequences; MIST is 0.02-0.25 mag too "
+                        "blue from 6800 to 3600 K) or a JSON file [none]")
     p.add_argument("--priors", default=None, metavar="TOML",
                    help="TOML file with a [priors] table overriding clusterhbm.model.Priors "
                         "fields, e.g. feh_sd = 0.2")
@@ -219,7 +223,8 @@ def _run_fit(a) -> int:
                       selection=a.selection or full or a.g_lim is not None,
                       g_lim=a.g_lim, g_bright=a.g_bright,
                       fit_mf_slope=a.fit_mf_slope or full, marginal=a.marginal,
-                      marginal_options=_marginal_options(a))
+                      marginal_options=_marginal_options(a),
+                      colour_correction=a.colour_correction)
     path = res.to_hdf5(a.output)
     if a.json:
         print(json.dumps(res.summary_json(), indent=2))

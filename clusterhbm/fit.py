@@ -25,7 +25,13 @@ import numpy as np
 
 from .catalogue import photometric_system, validate_catalogue
 from .field import field_photometry_log_density, member_log_odds
-from .grid import ModelGrid, band_indices, load_grid
+from .grid import (
+    ModelGrid,
+    apply_colour_correction,
+    band_indices,
+    colour_correction_table,
+    load_grid,
+)
 from .model import (
     WIDTH_PARAMS,
     ModelConfig,
@@ -644,7 +650,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                 g_lim: float | None = None, g_bright: float | None = None,
                 fit_mf_slope: bool = False, member_prob_column: str | None = "member_prob",
                 start_metric: str = "curvature", marginal: bool = False,
-                marginal_options=None):
+                marginal_options=None, colour_correction=None):
     """Fit the hierarchical model to a catalogue with BlackJAX NUTS.
 
     Parameters
@@ -685,6 +691,10 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         Teff, log g, membership and binary probabilities are drawn from each star's
         conditional at every draw
     marginal_options : :class:`clusterhbm.marginal.MarginalOptions` (q bins, pruning)
+    colour_correction : ``"gaia-ms"`` or a JSON file: an empirical correction of the grid's
+        Gaia BP and RP magnitudes (:func:`clusterhbm.grid.apply_colour_correction`; MIST's
+        main sequence is too blue in BP-RP by 0.02-0.25 mag from 6800 to 3600 K), applied
+        to ``grid``; recorded in the results' settings. Default: none
 
     Returns
     -------
@@ -694,6 +704,16 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
 
     t_start = time.perf_counter()
     grid = load_grid() if grid is None else grid
+    cc_info = None
+    if colour_correction is not None:
+        cc_table = (colour_correction if isinstance(colour_correction, dict)
+                    else colour_correction_table(colour_correction))
+        grid = apply_colour_correction(grid, cc_table)
+        cc_info = {"name": cc_table.get("name", str(colour_correction)),
+                   "sha256": cc_table.get("sha256"),
+                   "calibrators": cc_table.get("calibrators")}
+        log.info("colour correction %s applied to the grid's BP and RP (calibrated on %s)",
+                 cc_info["name"], ", ".join(cc_info["calibrators"] or ["?"]))
     priors = Priors() if priors is None else priors
     fit_widths = width_flags(fit_widths)
     for name, v in (("num_chains", num_chains), ("num_samples", num_samples)):
@@ -751,7 +771,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         priors = priors._replace(unpooled_distance_pc=guess["distance_pc"],
                                  unpooled_sigma_distance_pc=0.5 * guess["distance_pc"])
     if marginal:
-        return _fit_marginal(fd, grid, config, priors, guess, eep0, init=init,
+        res = _fit_marginal(fd, grid, config, priors, guess, eep0, init=init,
                              opts=marginal_options, num_chains=num_chains,
                              num_warmup=num_warmup, num_samples=num_samples, seed=seed,
                              k_init=k_init, k_run=k_run, n_starts=n_starts,
@@ -760,6 +780,8 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                              target_accept=target_accept, progress=progress,
                              checkpoint=checkpoint, truth=truth, t_start=t_start,
                              n_catalogue=len(catalogue), use_parallax=use_parallax)
+        res.settings["colour_correction"] = cc_info
+        return res
     logdensity_fn = make_logdensity_fn(fd.data, grid, config, priors)
     # several starts -> optimise each -> the best, jittered, for all chains
     cands = start_candidates(fd.data, grid, band_idx, guess, eep0, init=init,
@@ -823,7 +845,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
         "fit_mf_slope": fit_mf_slope, "g_lim": priors.g_lim if selection else None,
         "g_bright": priors.g_bright if selection else None,
         "field_photometry": fd.field_info if field else None,
-        "n_catalogue": len(catalogue),
+        "n_catalogue": len(catalogue), "colour_correction": cc_info,
     }
     timings = dict(out.timings, init_s=t_init, wall_s=wall)
     return FitResult.from_sampler(out, source_id=fd.source_id, settings=settings,

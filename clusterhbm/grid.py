@@ -275,7 +275,80 @@ def _load_cached(path: str, dtype_name: str) -> ModelGrid:
     return ModelGrid(iso=iso, bc=bc)
 
 
-def load_grid(path: str | Path | None = None, *, dtype=None) -> ModelGrid:
+COLOUR_CORRECTIONS = {"gaia-ms": "colour_correction_gaia_ms.json"}
+_CORRECTED_BANDS = ("BP", "RP", "BP_DR2", "RP_DR2")
+
+
+def colour_correction_table(name_or_path: str | Path) -> dict:
+    """An empirical colour correction: a bundled name (:data:`COLOUR_CORRECTIONS`) or a JSON
+    file with ``knots`` (each ``teff_k``, ``d_bp_mag``, ``d_rp_mag``), as written by
+    ``scripts/grid_colour_residuals.py --write-correction``."""
+    if str(name_or_path) in COLOUR_CORRECTIONS:
+        path = Path(str(resources.files("clusterhbm") / "data"
+                        / COLOUR_CORRECTIONS[str(name_or_path)]))
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise ValueError(f"colour correction {str(name_or_path)!r}: not a bundled name "
+                             f"({', '.join(COLOUR_CORRECTIONS)}) and no such file")
+    table = json.loads(path.read_text())
+    knots = table.get("knots")
+    if not knots or not all({"teff_k", "d_bp_mag", "d_rp_mag"} <= set(k) for k in knots):
+        raise ValueError(f"colour correction {path}: expected 'knots', each with teff_k, "
+                         "d_bp_mag and d_rp_mag")
+    table["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return table
+
+
+def colour_offsets(table: dict, teff_k, logg, *, taper_k: float = 500.0,
+                   logg_full: float = 4.0, logg_zero: float = 3.5):
+    """The correction's (BP, RP) magnitude offsets at (Teff, log g), numpy arrays.
+
+    Piecewise linear in Teff between the knots; held at the coolest knot's value below it;
+    tapered linearly to zero over ``taper_k`` above the hottest. Calibrated on main-sequence
+    stars, so weighted by log g: in full at ``logg >= logg_full``, zero at
+    ``logg <= logg_zero`` (giants and most subgiants uncorrected), linear between.
+    """
+    knots = sorted(table["knots"], key=lambda k: k["teff_k"])
+    t = np.array([k["teff_k"] for k in knots], float)
+    teff_k = np.asarray(teff_k, float)
+    w_t = np.clip(1.0 - (teff_k - t[-1]) / taper_k, 0.0, 1.0)
+    w_g = np.clip((np.asarray(logg, float) - logg_zero) / (logg_full - logg_zero), 0.0, 1.0)
+    out = []
+    for key in ("d_bp_mag", "d_rp_mag"):
+        d = np.interp(teff_k, t, np.array([k[key] for k in knots], float))
+        out.append(d * w_t * w_g)
+    return out[0], out[1]
+
+
+def apply_colour_correction(grid: ModelGrid, correction: str | Path | dict) -> ModelGrid:
+    """A copy of ``grid`` whose Gaia BP and RP magnitudes (EDR3/DR3 and DR2 passbands) carry
+    an empirical, Teff- and log g-dependent offset (:func:`colour_offsets`); G, 2MASS and
+    the isochrones are unchanged.
+
+    The bundled ``"gaia-ms"`` correction is MIST's main-sequence BP-RP against six nearby
+    clusters at Gaia Collaboration (2018) parameters (Hyades, Coma Ber, Pleiades, Praesepe,
+    Blanco 1, alpha Per; not M67): MIST is too blue by ~0.02 mag at 6000-6800 K, 0.05 at
+    4900 K, 0.15 at 4200 K and 0.25 at 3600 K, in DR2 and DR3 photometry alike
+    (``python scripts/grid_colour_residuals.py``, docs/performance.md). Applied at the BC
+    table's nodes, so it interpolates (and differentiates) like the table itself.
+    """
+    table = correction if isinstance(correction, dict) else colour_correction_table(correction)
+    bc = grid.bc
+    teff = np.asarray(bc.teff, float)[:, None]
+    logg = np.asarray(bc.logg, float)[None, :]
+    d_bp, d_rp = colour_offsets(table, teff, logg)  # (n_teff, n_logg)
+    data = np.array(bc.data, dtype=np.float64)  # (n_feh, n_teff, n_logg, n_av, n_band)
+    for band in _CORRECTED_BANDS:
+        j = BAND_NAMES.index(band)
+        d = d_bp if band.startswith("BP") else d_rp
+        # M_band = M_bol - BC: a magnitude offset d is -d in BC
+        data[..., j] -= d[None, :, :, None]
+    return ModelGrid(iso=grid.iso, bc=bc._replace(data=jnp.asarray(data, bc.data.dtype)))
+
+
+def load_grid(path: str | Path | None = None, *, dtype=None,
+              colour_correction: str | Path | None = None) -> ModelGrid:
     """Load the MIST grid (default: the one shipped with the package).
 
     Parameters
@@ -285,6 +358,9 @@ def load_grid(path: str | Path | None = None, *, dtype=None) -> ModelGrid:
     dtype : optional
         ``jnp.float32`` or ``jnp.float64``; default: JAX's default float type
         (float64 only when ``jax_enable_x64`` is on). clusterhbm never switches x64 on.
+    colour_correction : optional
+        ``"gaia-ms"`` (or a JSON file): an empirical correction of MIST's Gaia BP and RP
+        magnitudes (:func:`apply_colour_correction`). Default: none, MIST as it is.
 
     Raises
     ------
@@ -305,4 +381,7 @@ def load_grid(path: str | Path | None = None, *, dtype=None) -> ModelGrid:
         )
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    return _load_cached(str(path.resolve()), dtype.name)
+    grid = _load_cached(str(path.resolve()), dtype.name)
+    if colour_correction is not None:
+        grid = apply_colour_correction(grid, colour_correction)
+    return grid

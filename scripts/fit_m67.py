@@ -79,6 +79,8 @@ def main(argv=None):
     p.add_argument("--priors", default=None,
                    help="TOML file of hyperpriors (e.g. docs/priors_m67_spectroscopic.toml: "
                         "the spectroscopic [Fe/H])")
+    p.add_argument("--colour-correction", default=None,
+                   help="empirical BP/RP correction of the grid (e.g. gaia-ms)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--chunk-size", type=int, default=50)
     p.add_argument("-o", "--output", default="/tmp/m67_fit.h5")
@@ -99,7 +101,8 @@ def main(argv=None):
                       cubic=a.cubic, progress=True,
                       priors=priors_from_toml(a.priors) if a.priors else None,
                       checkpoint=a.checkpoint, chunk_size=a.chunk_size, marginal=a.marginal,
-                      marginal_options=MarginalOptions(n_q=a.n_q, n_segments=a.n_segments))
+                      marginal_options=MarginalOptions(n_q=a.n_q, n_segments=a.n_segments),
+                      colour_correction=a.colour_correction)
     wall = time.perf_counter() - t0
     print(res.summary_text())
     res.to_hdf5(a.output)

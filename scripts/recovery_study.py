@@ -61,6 +61,11 @@ def row_of(res, case, wide, seed, n_stars, truth, wall, chains, samples):
     row = {"case": case, "widths": wide, "seed": seed, "n_stars": n_stars,
            "wall_s": wall, "divergent_frac": res.num_divergent / (chains * samples),
            "steps_per_draw": float(steps.mean()), "params": {}}
+    tm = {k: float(v) for k, v in res.timings.items() if np.isscalar(v)}
+    row["timings"] = tm
+    if tm.get("sampling_s"):
+        # leapfrog steps = gradient evaluations; all chains together (vmapped)
+        row["gradients_per_s"] = float(steps.sum()) / tm["sampling_s"]
     for k, v in truth.items():
         if k not in s:
             continue
@@ -71,6 +76,9 @@ def row_of(res, case, wide, seed, n_stars, truth, wall, chains, samples):
             "z": (s[k]["mean"] - v) / s[k]["sd"], "rhat": s[k]["rhat"],
             "ess_bulk": s[k]["ess_bulk"], "ess_tail": s[k]["ess_tail"],
             "in68": bool(q[1] <= v <= q[2]), "in95": bool(q[0] <= v <= q[3])}
+    if tm.get("sampling_s") and row["params"]:
+        ess = min(v["ess_bulk"] for v in row["params"].values())
+        row["sampling_s_per_ess"] = tm["sampling_s"] / ess
     zs = " ".join(f"{k}:{v['z']:+.1f}" for k, v in row["params"].items())
     print(f"case {case} widths={wide} seed={seed}: {zs} | max R-hat "
           f"{max(v['rhat'] for v in row['params'].values()):.3f} | min ESS "
@@ -98,6 +106,7 @@ def main(argv=None):
                    help="fit all mocks of a width setting together with fit_many")
     p.add_argument("--marginal", action="store_true",
                    help="the marginal model (mass integrated out)")
+    p.add_argument("--progress", action="store_true", help="tqdm progress bar (stderr)")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
     a = p.parse_args(argv)
     rows = []
@@ -137,7 +146,7 @@ def main(argv=None):
                               num_samples=a.samples, seed=seed, fit_widths=wide,
                               cubic=a.cubic, n_starts=a.n_starts,
                               dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
-                              truth=t, marginal=a.marginal)
+                              truth=t, marginal=a.marginal, progress=a.progress)
             rows.append(row_of(res, case, wide, seed, a.n_stars, t,
                                time.perf_counter() - t0, a.chains, a.samples))
             save()
