@@ -710,6 +710,8 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                     else colour_correction_table(colour_correction))
         grid = apply_colour_correction(grid, cc_table)
         cc_info = {"name": cc_table.get("name", str(colour_correction)),
+                   "source": None if isinstance(colour_correction, dict)
+                   else str(colour_correction),
                    "sha256": cc_table.get("sha256"),
                    "calibrators": cc_table.get("calibrators")}
         log.info("colour correction %s applied to the grid's BP and RP (calibrated on %s)",

@@ -274,17 +274,34 @@ def plot_trace(result, *, names=None, figsize=(7.0, 4.0)):
 
 
 def posterior_isochrones(result, *, n_draws=20, seed=0):
-    """Isochrone specs (for :func:`plot_cmd`) from population posterior draws + median."""
+    """Isochrone specs (for :func:`plot_cmd`) from population posterior draws + median.
+
+    A fit made with a colour correction (``settings["colour_correction"]``) draws its
+    isochrones through the same corrected grid."""
     pop = result.population
+    extra = {}
+    cc = (result.settings or {}).get("colour_correction")
+    if cc:
+        from .grid import COLOUR_CORRECTIONS, colour_correction_table, load_grid
+
+        source = cc.get("source") or (cc.get("name") if cc.get("name") in COLOUR_CORRECTIONS
+                                      else None)
+        if not source:
+            raise ValueError("the fit's colour correction was given as a table, not a name "
+                             "or file: draw its isochrones with that grid (isochrone_curve)")
+        if colour_correction_table(source)["sha256"] != cc.get("sha256"):
+            raise ValueError(f"colour correction {source!r} differs from the one the fit "
+                             "used (checksum)")
+        extra["grid"] = load_grid(colour_correction=source)
     keys = ("log_age", "feh", "distance_pc", "av_mag")
     flat = {k: np.asarray(pop[k]).ravel() for k in keys}
     rng = np.random.default_rng(seed)
     idx = rng.choice(flat["log_age"].size, size=min(n_draws, flat["log_age"].size),
                      replace=False)
-    out = [dict({k: float(flat[k][i]) for k in keys}, color="tab:red", alpha=0.15, lw=0.5)
-           for i in idx]
+    out = [dict({k: float(flat[k][i]) for k in keys}, color="tab:red", alpha=0.15, lw=0.5,
+                **extra) for i in idx]
     med = {k: float(np.median(flat[k])) for k in keys}
-    out.append(dict(med, color="tab:red", lw=1.0, label="posterior median"))
+    out.append(dict(med, color="tab:red", lw=1.0, label="posterior median", **extra))
     return out
 
 

@@ -42,6 +42,8 @@ def main(argv=None):
     p_bin = fit.stars["p_binary"].mean(axis=(0, 1))
     isos = posterior_isochrones(fit, n_draws=20)
     title = "M67, Gaia DR3, marginal model"
+    if (fit.settings or {}).get("colour_correction"):
+        title += ", colour-corrected MIST"
     if a.second:
         other = posterior_isochrones(load_results(a.second), n_draws=1)[-1]
         other.update(color="tab:blue", ls="--", label="with [Fe/H] prior")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -107,8 +108,13 @@ def main(argv=None):
     p.add_argument("--marginal", action="store_true",
                    help="the marginal model (mass integrated out)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bar (stderr)")
+    p.add_argument("--selection", action="store_true",
+                   help="fit the selection function (the mocks are cut at G = 19: without "
+                        "it the fit ignores that the detected mass range moves with "
+                        "distance, age and A_V)")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +152,8 @@ def main(argv=None):
                               num_samples=a.samples, seed=seed, fit_widths=wide,
                               cubic=a.cubic, n_starts=a.n_starts,
                               dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
-                              truth=t, marginal=a.marginal, progress=a.progress)
+                              truth=t, marginal=a.marginal, progress=a.progress,
+                              selection=a.selection)
             rows.append(row_of(res, case, wide, seed, a.n_stars, t,
                                time.perf_counter() - t0, a.chains, a.samples))
             save()

@@ -31,9 +31,14 @@ def test_simulate_writes_catalogue_with_truth(mock_file):
 def test_fit_summary_plot(mock_file, tmp_path, capsys):
     out = tmp_path / "fit.h5"
     rc = main(["fit", str(mock_file), "--chains", "1", "--warmup", "20", "--samples", "20",
-               "--no-widths", "--no-progress", "-o", str(out)])
+               "--no-widths", "--no-progress", "--colour-correction", "gaia-ms",
+               "-o", str(out)])
     assert rc == 0 and out.exists()
     assert "log_age" in capsys.readouterr().out
+    from clusterhbm.results import load_results
+
+    cc = load_results(out).settings["colour_correction"]
+    assert cc["name"] == "gaia-ms" and len(cc["sha256"]) == 64 and "m67" not in cc["calibrators"]
     rc = main(["summary", str(out), "--json"])
     js = json.loads(capsys.readouterr().out)
     assert rc == 0 and js["n_stars"] == 40 and "distance_pc" in js["parameters"]
@@ -56,7 +61,7 @@ def test_cmd_figure_axis_inverted_and_labelled(mock_file):
     assert "G" in ax.get_ylabel() and "RP" in ax.get_xlabel()
 
 
-def test_bad_input_exit_codes(tmp_path, capsys):
+def test_bad_input_exit_codes(tmp_path, capsys, mock_file):
     assert main(["simulate", "--feh", "3", "-o", str(tmp_path / "x.ecsv")]) == 1
     assert "outside the grid" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
@@ -65,6 +70,9 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "phot_bp_mean_mag" in err and "missing" in err
     assert main(["summary", str(tmp_path / "nope.h5")]) == 1
+    capsys.readouterr()
+    assert main(["fit", str(mock_file), "--no-progress", "--colour-correction", "nope"]) == 1
+    assert "not a bundled name" in capsys.readouterr().err
     assert main([]) == 1
 
 
