@@ -114,3 +114,27 @@ def test_bundled_correction_is_what_the_script_builds_and_fixes_held_out_m67():
     assert max(abs(after[m]) for m in upper) < 0.016
     for m in (6.5, 7.0, 7.5):  # K dwarfs, G ~ 16.2-17.7: most of the error removed
         assert before[m] > 0.1 and after[m] < 0.5 * before[m]
+
+
+def test_posterior_isochrones_use_the_fits_corrected_grid():
+    from types import SimpleNamespace
+
+    from clusterhbm.plots import isochrone_curve, posterior_isochrones
+
+    table = colour_correction_table("gaia-ms")
+    pop = {"log_age": np.full((1, 3), 9.6), "feh": np.zeros((1, 3)),
+           "distance_pc": np.full((1, 3), 850.0), "av_mag": np.full((1, 3), 0.1)}
+    cc = {"name": "gaia-ms", "source": "gaia-ms", "sha256": table["sha256"]}
+    res = SimpleNamespace(population=pop, settings={"colour_correction": cc})
+    spec = posterior_isochrones(res, n_draws=1)[-1]
+    kw = {k: spec[k] for k in ("log_age", "feh", "distance_pc", "av_mag")}
+    c1, g1, _ = isochrone_curve(grid=spec["grid"], **kw)
+    c0, g0, _ = isochrone_curve(**kw)
+    np.testing.assert_array_equal(g1, g0)
+    assert np.max(c1 - c0) > 0.1  # the K dwarfs
+    # no correction: no grid in the spec (the default grid)
+    plain = SimpleNamespace(population=pop, settings={})
+    assert "grid" not in posterior_isochrones(plain, n_draws=1)[-1]
+    res.settings["colour_correction"] = dict(cc, sha256="0" * 64)
+    with pytest.raises(ValueError, match="checksum"):
+        posterior_isochrones(res, n_draws=1)
