@@ -113,7 +113,12 @@ def main(argv=None):
                         "it the fit ignores that the detected mass range moves with "
                         "distance, age and A_V)")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the coverage of an existing results file and exit")
     a = p.parse_args(argv)
+    if a.report:
+        report_coverage(json.loads(Path(a.report).read_text())["rows"])
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = []
     out = Path(a.out)
@@ -158,11 +163,20 @@ def main(argv=None):
                                time.perf_counter() - t0, a.chains, a.samples))
             save()
     if a.seeds > 1:
-        for k in ("log_age", "feh", "distance_pc", "av_mag"):
-            c68 = np.mean([r["params"][k]["in68"] for r in rows if k in r["params"]])
-            c95 = np.mean([r["params"][k]["in95"] for r in rows if k in r["params"]])
-            print(f"coverage {k}: 68% interval {c68:.2f}, 95% interval {c95:.2f}")
+        report_coverage(rows)
     print(f"wrote {out}")
+
+
+def report_coverage(rows):
+    """Fraction of the truths inside the 68 % and 95 % intervals, per population mean."""
+    print(f"{len(rows)} fits; max R-hat {max(max(v['rhat'] for v in r['params'].values()) for r in rows):.3f}")
+    for k in ("log_age", "feh", "distance_pc", "av_mag"):
+        sel = [r["params"][k] for r in rows if k in r["params"]]
+        c68 = np.mean([v["in68"] for v in sel])
+        c95 = np.mean([v["in95"] for v in sel])
+        zs = np.array([v["z"] for v in sel])
+        print(f"coverage {k}: 68% interval {c68:.2f}, 95% interval {c95:.2f} "
+              f"(n = {len(sel)}; z mean {zs.mean():+.2f}, sd {zs.std(ddof=1):.2f})")
 
 
 if __name__ == "__main__":
