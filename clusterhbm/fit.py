@@ -703,12 +703,14 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
     from .results import FitResult
 
     t_start = time.perf_counter()
-    grid = load_grid() if grid is None else grid
     cc_info = None
     if colour_correction is not None:
         cc_table = (colour_correction if isinstance(colour_correction, dict)
                     else colour_correction_table(colour_correction))
-        grid = apply_colour_correction(grid, cc_table)
+        if grid is None and not isinstance(colour_correction, dict):
+            grid = load_grid(colour_correction=colour_correction)  # cached
+        else:
+            grid = apply_colour_correction(load_grid() if grid is None else grid, cc_table)
         cc_info = {"name": cc_table.get("name", str(colour_correction)),
                    "source": None if isinstance(colour_correction, dict)
                    else str(colour_correction),
@@ -716,6 +718,7 @@ def fit_cluster(catalogue, *, num_chains: int = 4, num_warmup: int = 1000,
                    "calibrators": cc_table.get("calibrators")}
         log.info("colour correction %s applied to the grid's BP and RP (calibrated on %s)",
                  cc_info["name"], ", ".join(cc_info["calibrators"] or ["?"]))
+    grid = load_grid() if grid is None else grid
     priors = Priors() if priors is None else priors
     fit_widths = width_flags(fit_widths)
     for name, v in (("num_chains", num_chains), ("num_samples", num_samples)):

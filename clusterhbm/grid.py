@@ -381,7 +381,16 @@ def load_grid(path: str | Path | None = None, *, dtype=None,
         )
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    grid = _load_cached(str(path.resolve()), dtype.name)
-    if colour_correction is not None:
-        grid = apply_colour_correction(grid, colour_correction)
-    return grid
+    if colour_correction is None:
+        return _load_cached(str(path.resolve()), dtype.name)
+    table = colour_correction_table(colour_correction)
+    # cached like the grid itself: the same object for the same correction, so programs
+    # compiled against it are reused
+    return _load_corrected(str(path.resolve()), dtype.name, str(colour_correction),
+                           table["sha256"])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corrected(path: str, dtype_name: str, correction: str, sha256: str) -> ModelGrid:
+    return apply_colour_correction(_load_cached(path, dtype_name),
+                                   colour_correction_table(correction))

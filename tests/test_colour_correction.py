@@ -63,8 +63,11 @@ def test_offsets_are_exact_at_table_nodes_and_leave_other_bands_alone():
         np.testing.assert_array_equal(d1[:, :, logg <= 3.5, :, j], d0[:, :, logg <= 3.5, :, j])
         np.testing.assert_array_equal(d1[:, teff >= t_hot, :, :, j],
                                       d0[:, teff >= t_hot, :, :, j])
-    # the cached grid itself is not modified
+    # the cached grid itself is not modified; the corrected grid is cached too
     assert np.array_equal(np.asarray(load_grid().bc.data), d0)
+    again = load_grid(colour_correction="gaia-ms")
+    assert again is load_grid(colour_correction="gaia-ms")
+    np.testing.assert_array_equal(np.asarray(again.bc.data), d1)
 
 
 def test_corrected_isochrone_is_redder_on_the_main_sequence_only():
