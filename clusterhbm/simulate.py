@@ -111,6 +111,11 @@ class ObservingModel(NamedTuple):
     ra_deg, dec_deg : cluster centre; core_deg: Gaussian sigma of member positions
     field_halfwidth_deg : field stars uniform in a box of this half-width
     pm_masyr : cluster mean proper motion (pmra, pmdec); pm_disp_masyr : its dispersion
+    mag_systematic_mag : unreported scatter [mag] added to every observed G, BP and RP
+        beyond the catalogue errors (which stay as reported): what the fit's
+        ``Priors.mag_floor`` (0.01 by default) stands for. 0 (the default): the mock
+        scatters by exactly its reported errors; set it equal to the fit's floor when the
+        mocks must be drawn from the model the fit assumes (coverage checks)
     """
 
     g_lim: float | None = 19.0
@@ -122,6 +127,7 @@ class ObservingModel(NamedTuple):
     field_halfwidth_deg: float = 1.0
     pm_masyr: tuple = (-10.97, -2.94)
     pm_disp_masyr: float = 0.15
+    mag_systematic_mag: float = 0.0
 
 
 class SimulatedCluster(NamedTuple):
@@ -216,7 +222,9 @@ def draw_stars(rng_key, params: ClusterParams, field: FieldModel, obs: Observing
     alive = o1.valid
     errs = draw_errors(ks[6], mags[:, 0], bands=_GAIA)
     e = jax.random.normal(ks[7], (4, n))
-    g, bp, rp = (mags[:, k] + errs[b] * e[k] for k, b in enumerate(_GAIA))
+    sys2 = obs.mag_systematic_mag ** 2
+    g, bp, rp = (mags[:, k] + jnp.sqrt(errs[b] ** 2 + sys2) * e[k]
+                 for k, b in enumerate(_GAIA))
     plx_true = 1000.0 / dist
     plx = plx_true + obs.parallax_zp_mas + errs["parallax"] * e[3]
     detected = alive
@@ -299,6 +307,9 @@ def simulate_cluster(params: ClusterParams | None = None, *, n_stars: int = 1000
     observing = ObservingModel() if observing is None else observing
     grid = load_grid() if grid is None else grid
     _validate(params, grid, imf, m_min, m_max, q_min, n_stars)
+    if not observing.mag_systematic_mag >= 0:
+        raise ValueError("observing.mag_systematic_mag must be >= 0 [mag], got "
+                         f"{observing.mag_systematic_mag!r}")
     if rng_key is None:
         if seed is None:
             raise ValueError("give rng_key= or seed=")

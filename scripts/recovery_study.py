@@ -8,9 +8,15 @@ population parameter, R-hat, ESS, divergences and wall time, and writes JSON rec
     python scripts/recovery_study.py [--n-stars 500] [--chains 4] [--warmup 1000]
         [--samples 1000] [--cases a,b,c,d] [--widths both|zero|nonzero] [--seeds 1]
         [--cubic] [--metric dense|diag] [--max-doublings 10] [--batch] [--marginal]
+        [--selection] [--sim-floor MAG] [--fit-floor MAG]
 
 ``--marginal`` fits the marginal model (:mod:`clusterhbm.marginal`: every star's mass
 integrated out; with widths, per-star offsets for them).
+
+The fit's systematic floor (``Priors.mag_floor``, 0.01 mag) is noise the mocks lack unless
+``--sim-floor`` adds it: with ``--sim-floor 0`` the fit's variance for a mmag-error star is
+many times the mock's real scatter and its intervals are too wide. Coverage checks set the
+two floors equal (``--sim-floor 0.01``).
 
 ``--batch`` fits all mocks of one width setting in one compiled program
 (:func:`clusterhbm.parallel.fit_many`, vmapped over clusters: each NUTS step waits for the
@@ -34,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from clusterhbm.fit import fit_cluster
+from clusterhbm.model import Priors
 from clusterhbm.parallel import fit_many
 from clusterhbm.results import versions
-from clusterhbm.simulate import ClusterParams, simulate_cluster
+from clusterhbm.simulate import ClusterParams, ObservingModel, simulate_cluster
 
 CASES = {
     "a": {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1},
@@ -112,6 +119,14 @@ def main(argv=None):
                    help="fit the selection function (the mocks are cut at G = 19: without "
                         "it the fit ignores that the detected mass range moves with "
                         "distance, age and A_V)")
+    p.add_argument("--sim-floor", type=float, default=0.0, metavar="MAG",
+                   help="unreported scatter added to the mocks' G, BP, RP (ObservingModel."
+                        "mag_systematic_mag; default 0: the mocks scatter by their reported "
+                        "errors only)")
+    p.add_argument("--fit-floor", type=float, default=None, metavar="MAG",
+                   help="the fit's systematic floor (Priors.mag_floor; default: the "
+                        "Priors default, 0.01). Coverage is calibrated when the two floors "
+                        "are equal")
     p.add_argument("--out", default="benchmarks/results/recovery_study.json")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="print the coverage of an existing results file and exit")
@@ -130,13 +145,16 @@ def main(argv=None):
                                    "loadavg": os.getloadavg()}, indent=1))
 
     dense = None if a.metric is None else a.metric == "dense"
+    observing = ObservingModel(mag_systematic_mag=a.sim_floor)
+    priors = None if a.fit_floor is None else Priors(mag_floor=a.fit_floor)
     wopts = {"both": (False, True), "zero": (False,), "nonzero": (True,)}[a.widths]
     for wide in wopts:
         jobs = [(case, seed) for case in a.cases.split(",") for seed in range(a.seeds)]
         truths = [truth_of(case, wide) for case, _ in jobs]
         # the mock uses the fit's interpolation scheme (see simulate_cluster's ``cubic``)
         cats = [simulate_cluster(ClusterParams(**t), n_stars=a.n_stars,
-                                 seed=1000 + seed, cubic=a.cubic).catalogue
+                                 seed=1000 + seed, cubic=a.cubic,
+                                 observing=observing).catalogue
                 for t, (_, seed) in zip(truths, jobs)]
         if a.batch:
             t0 = time.perf_counter()
@@ -144,7 +162,7 @@ def main(argv=None):
                             num_samples=a.samples, seed=0, fit_widths=wide, cubic=a.cubic,
                             n_starts=a.n_starts, dense_mass_matrix=dense,
                             max_num_doublings=a.max_doublings, truths=truths,
-                            progress=True)
+                            priors=priors, progress=True)
             wall = time.perf_counter() - t0
             for (case, seed), t, res in zip(jobs, truths, fits):
                 rows.append(row_of(res, case, wide, seed, a.n_stars, t, wall, a.chains,
@@ -158,7 +176,7 @@ def main(argv=None):
                               cubic=a.cubic, n_starts=a.n_starts,
                               dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
                               truth=t, marginal=a.marginal, progress=a.progress,
-                              selection=a.selection)
+                              selection=a.selection, priors=priors)
             rows.append(row_of(res, case, wide, seed, a.n_stars, t,
                                time.perf_counter() - t0, a.chains, a.samples))
             save()

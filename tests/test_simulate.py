@@ -119,6 +119,27 @@ def test_parallax_zero_point_offset():
     assert abs(np.mean(resid) + 0.5) < 0.05
 
 
+def test_unreported_systematic_scatter():
+    """mag_systematic_mag widens the scatter about the truth, not the reported errors."""
+    sims = [simulate_cluster(ClusterParams(), n_stars=400, seed=3,
+                             observing=ObservingModel(mag_systematic_mag=s))
+            for s in (0.0, 0.05)]
+    for band, col in (("G", "g"), ("BP", "bp"), ("RP", "rp")):
+        errs = [np.asarray(s.catalogue[f"phot_{col}_mean_mag_error"]) for s in sims]
+        # the reported errors are the catalogue's, not widened (the star sets differ a
+        # little: noise moves stars across the G limit)
+        assert abs(np.median(errs[1]) / np.median(errs[0]) - 1) < 0.05
+        pulls = [(np.asarray(s.catalogue[f"phot_{col}_mean_mag"])
+                  - np.asarray(s.truth[f"{band}_true"])) for s in sims]
+        z0 = pulls[0] / errs[0]
+        z1 = pulls[1] / np.hypot(errs[1], 0.05)
+        assert abs(np.std(z0) - 1) < 0.1 and abs(np.std(z1) - 1) < 0.1
+        assert np.std(pulls[1] / errs[1]) > 3  # most stars' errors are << 0.05 mag
+    with pytest.raises(ValueError, match="mag_systematic_mag"):
+        simulate_cluster(ClusterParams(), n_stars=10, seed=0,
+                         observing=ObservingModel(mag_systematic_mag=-0.01))
+
+
 def test_same_key_same_cluster_different_key_different():
     a = simulate_cluster(ClusterParams(f_field=0.1), n_stars=200, seed=11)
     b = simulate_cluster(ClusterParams(f_field=0.1), n_stars=200, rng_key=jax.random.key(11))
