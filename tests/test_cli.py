@@ -101,3 +101,20 @@ def test_priors_from_toml(tmp_path):
     assert priors_from_toml(example).feh_sd == 0.2
     # and the CLI reports a bad file as exit code 1, one line
     assert main(["fit", "nonexistent.ecsv", "--priors", str(bad)]) == 1
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's first command, at tiny settings: mock, pooled and unpooled fits, figures."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "-o", str(out), "--n-stars", "30", "--chains", "1", "--warmup", "30",
+               "--samples", "30", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "log_age" in text and "shrinkage: median per-star mass interval" in text
+    for name in ("mock.ecsv", "fit.h5", "fit_unpooled.h5"):
+        assert (out / name).stat().st_size > 1000
+    for name in ("cmd", "corner", "shrinkage", "parallax", "trace"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    from clusterhbm.results import load_results
+
+    assert load_results(out / "fit.h5").stars["mass_msun"].shape[-1] == 30
