@@ -105,6 +105,9 @@ def main(argv=None):
     p.add_argument("--cases", default="a,b,c,d")
     p.add_argument("--widths", default="both", choices=("both", "zero", "nonzero"))
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="mock seeds are 1000 + first_seed, ... (default 0: every case of a "
+                        "run shares seed 1000's noise draws)")
     p.add_argument("--cubic", action="store_true", help="C1 cubic interpolation")
     p.add_argument("--metric", choices=("dense", "diag"), default=None,
                    help="adapted mass matrix (default: the fitter's choice)")
@@ -149,7 +152,8 @@ def main(argv=None):
     priors = None if a.fit_floor is None else Priors(mag_floor=a.fit_floor)
     wopts = {"both": (False, True), "zero": (False,), "nonzero": (True,)}[a.widths]
     for wide in wopts:
-        jobs = [(case, seed) for case in a.cases.split(",") for seed in range(a.seeds)]
+        seeds = range(a.first_seed, a.first_seed + a.seeds)
+        jobs = [(case, seed) for case in a.cases.split(",") for seed in seeds]
         truths = [truth_of(case, wide) for case, _ in jobs]
         # the mock uses the fit's interpolation scheme (see simulate_cluster's ``cubic``)
         cats = [simulate_cluster(ClusterParams(**t), n_stars=a.n_stars,
