@@ -195,16 +195,18 @@ print(f"median ratio of 68% mass-interval widths, pooled / unpooled: "
 #
 # **What the full fit gives, and why** (`docs/performance.md`, "Real data: M67"; `python
 # scripts/fit_m67.py --cubic --marginal --colour-correction gaia-ms [--g-lim 16]`, no
-# divergences in either):
+# divergences in either; `benchmarks/results/m67_fit_colour_corrected_g16_4x500.json`):
 #
-# | | G <= 16, 754 stars, 2 x (250 + 250) | G <= 18, 1159 stars, 2 x (300 + 300) |
+# | | G <= 16, 754 stars, 4 x (500 + 500) | G <= 18, 1159 stars, 2 x (300 + 300) |
 # |---|---|---|
 # | log age | 9.567 +- 0.003 | 9.586 +- 0.003 |
-# | [Fe/H] | +0.033 +- 0.013 | +0.136 +- 0.006 |
-# | distance | 866.4 +- 0.7 pc | 866.4 +- 0.6 pc |
-# | A_V | 0.132 +- 0.010 | 0.053 +- 0.005 |
-# | f_bin (q >= 0.1) | 0.37 +- 0.03 | 0.40 +- 0.02 |
-# | max R-hat | 1.012 (f_bin) | 1.004 |
+# | [Fe/H] | +0.032 +- 0.013 | +0.136 +- 0.006 |
+# | distance | 866.3 +- 0.7 pc | 866.4 +- 0.6 pc |
+# | A_V | 0.133 +- 0.010 | 0.053 +- 0.005 |
+# | f_bin (q >= 0.1) | 0.36 +- 0.03 | 0.40 +- 0.02 |
+# | f_field | 0.133 +- 0.015 | 0.095 +- 0.010 |
+# | mf_slope | 1.51 +- 0.22 | 1.07 +- 0.12 |
+# | max R-hat / min ESS bulk, tail | 1.003 / 2021, 1297 | 1.004 / 359, 365 |
 #
 # At G <= 16 every parameter agrees with the literature below. At G <= 18 the K dwarfs,
 # ~0.04 mag redder than the corrected model, pull [Fe/H] up and A_V down. Without the
