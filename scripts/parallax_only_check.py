@@ -2,9 +2,12 @@
 should be compared with.
 
     python scripts/parallax_only_check.py [--cases a,b,c,d] [--n-stars 500] [--seeds 1]
-        [--widths] [--results benchmarks/results/recovery_marginal_zero_abd500.json]
+        [--first-seed 0] [--sim-floor 0] [--cubic] [--widths]
+        [--results benchmarks/results/recovery_marginal_zero_abd500.json]
 
-``recovery_study.py`` simulates every case from the same seed (1000 + seed), so the cases
+The mocks are recovery_study's own (its ``mock_catalogue``; pass the same ``--first-seed``,
+``--sim-floor`` and ``--cubic``). ``recovery_study.py`` simulates every case from the same
+seed (1000 + seed), so the cases
 share their standard-normal noise draws: a parallax fluctuation of one seed shows up in
 every case. For each mock this prints the inverse-variance weighted mean parallax as a
 distance with its sd and z against the truth, and the mean and variance of the
@@ -22,9 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery_study import truth_of
-
-from clusterhbm.simulate import ClusterParams, simulate_cluster
+from recovery_study import mock_catalogue, truth_of
 
 
 def main(argv=None):
@@ -32,6 +33,9 @@ def main(argv=None):
     p.add_argument("--cases", default="a,b,c,d")
     p.add_argument("--n-stars", type=int, default=500)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--sim-floor", type=float, default=0.0)
+    p.add_argument("--cubic", action="store_true")
     p.add_argument("--widths", action="store_true", help="the non-zero-width mocks")
     p.add_argument("--results", nargs="*", default=[],
                    help="recovery_study JSON files to compare with")
@@ -41,10 +45,10 @@ def main(argv=None):
         for r in json.loads(Path(f).read_text())["rows"]:
             fits[(r["case"], r["seed"], r["n_stars"], r["widths"])] = r["params"]
     for case in a.cases.split(","):
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             t = truth_of(case, a.widths)
-            cat = simulate_cluster(ClusterParams(**t), n_stars=a.n_stars,
-                                   seed=1000 + seed).catalogue
+            cat = mock_catalogue(case, a.widths, seed, a.n_stars, cubic=a.cubic,
+                                 sim_floor=a.sim_floor)
             plx = np.asarray(cat["parallax"], float)
             err = np.asarray(cat["parallax_error"], float)
             true_plx = 1000.0 / t["distance_pc"]
