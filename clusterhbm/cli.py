@@ -266,6 +266,9 @@ def _add_demo(sub):
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-test settings (CI): no optimisation of the starts and the "
+                        "segment sets chosen over 4 draws; the numbers are not results")
     p.set_defaults(func=_run_demo)
 
 
@@ -275,6 +278,7 @@ def _run_demo(a) -> int:
     import numpy as np
 
     from .fit import fit_cluster
+    from .marginal import MarginalOptions
     from .plots import (
         plot_cmd,
         plot_corner,
@@ -299,6 +303,7 @@ def _run_demo(a) -> int:
              if k in ("log_age", "feh", "distance_pc", "av_mag")}
     common = {"num_chains": a.chains, "seed": a.seed, "fit_widths": False,
               "progress": not a.no_progress, "truth": truth}
+    quick = {"optimise_steps": 0} if a.quick else {}
     print("fitting the hierarchical (pooled) model ...")
     # the marginal model (every star's mass integrated out) with the mock's G <= 19
     # selection function: the per-star model's multi-start optimiser settled this mock in
@@ -306,7 +311,9 @@ def _run_demo(a) -> int:
     # not leave; the marginal model is what real fits use (see docs/performance.md)
     res = fit_cluster(sim.catalogue, num_warmup=a.warmup, num_samples=a.samples, cubic=True,
                       marginal=True, selection=True,
-                      g_lim=sim.catalogue.meta["observing"]["g_lim"], **common)
+                      g_lim=sim.catalogue.meta["observing"]["g_lim"],
+                      marginal_options=MarginalOptions(n_select_draws=4) if a.quick else None,
+                      **quick, **common)
     res.to_hdf5(out / "fit.h5")
     print(res.summary_text())
     print("fitting every star alone (unpooled) for the shrinkage figure ...")
@@ -315,7 +322,7 @@ def _run_demo(a) -> int:
     # (it only feeds the shrinkage figure)
     unp = fit_cluster(sim.catalogue, pooled=False, num_warmup=max(a.warmup // 4, 50),
                       num_samples=max(a.samples // 4, 50), max_num_doublings=7,
-                      optimise_steps=100, **common)
+                      **({"optimise_steps": 100} | quick), **common)
     unp.to_hdf5(out / "fit_unpooled.h5")
     figs = {
         "cmd": plot_cmd(sim.catalogue, isochrones=posterior_isochrones(res),

@@ -1013,7 +1013,10 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
                  len(cands), np.round(losses, 1), k_best)
     else:
         pos1, k_best, losses = starts[0], 0, None
-    if not np.isfinite(float(jax.jit(rough_fn)(pos1))):
+    # (the optimiser's loss at the best start, -inf mapped to 1e30; else one evaluation)
+    start_lp = (-float(losses[k_best]) if losses is not None
+                else float(jax.jit(rough_fn)(pos1)))
+    if not (np.isfinite(start_lp) and start_lp > -1e29):
         raise ValueError("the marginal model's log density is -inf at the start (the "
                          "population is outside the grid or no star is near the isochrone)")
     # 2. fix every star's segments around the optimum (a smooth density), optimise that

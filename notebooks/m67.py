@@ -205,8 +205,8 @@ print(f"median ratio of 68% mass-interval widths, pooled / unpooled: "
 # | A_V | 0.133 +- 0.010 | 0.053 +- 0.005 |
 # | f_bin (q >= 0.1) | 0.36 +- 0.03 | 0.40 +- 0.02 |
 # | f_field | 0.133 +- 0.015 | 0.095 +- 0.010 |
-# | mf_slope | 1.51 +- 0.22 | 1.07 +- 0.12 |
-# | max R-hat / min ESS bulk, tail | 1.003 / 2021, 1297 | 1.004 / 359, 365 |
+# | mf_slope | 1.52 +- 0.23 | 1.07 +- 0.12 |
+# | max R-hat / min ESS bulk, tail | 1.005 / 2276, 1285 | 1.004 / 359, 365 |
 #
 # At G <= 16 every parameter agrees with the literature below. At G <= 18 the K dwarfs,
 # ~0.04 mag redder than the corrected model, pull [Fe/H] up and A_V down. Without the

@@ -107,7 +107,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     """The README's first command, at tiny settings: mock, pooled and unpooled fits, figures."""
     out = tmp_path / "demo"
     rc = main(["demo", "-o", str(out), "--n-stars", "30", "--chains", "1", "--warmup", "30",
-               "--samples", "30", "--no-progress"])
+               "--samples", "30", "--no-progress", "--quick"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "log_age" in text and "shrinkage: median per-star mass interval" in text
