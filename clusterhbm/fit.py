@@ -177,12 +177,23 @@ def priors_from_toml(path) -> Priors:
 
 
 def _distance_guess(data: StarData):
-    plx = np.asarray(data.parallax_mas)
-    err = np.asarray(data.parallax_err_mas)
-    ok = np.isfinite(plx) & np.isfinite(err) & (err > 0) & (plx / np.where(err > 0, err, 1) > 3)
+    """1000 / the inverse-variance weighted median parallax of every star with one (robust
+    to field stars), or None without >= 3 parallaxes or when their weighted mean is not
+    3 sigma above zero. (A median over the stars with parallax / error > 3, used before,
+    kept only the upward-scattered faint stars of a distant cluster: 2716 pc for a
+    3000-pc mock whose weighted mean parallax was 1.3 sigma from the truth.)"""
+    plx = np.asarray(data.parallax_mas, float)
+    err = np.asarray(data.parallax_err_mas, float)
+    ok = np.isfinite(plx) & np.isfinite(err) & (err > 0)
     if ok.sum() < 3:
         return None
-    return float(1000.0 / np.median(plx[ok]))
+    p, w = plx[ok], 1.0 / err[ok] ** 2
+    if np.sum(w * p) / np.sqrt(np.sum(w)) < 3.0:
+        return None
+    order = np.argsort(p)
+    cw = np.cumsum(w[order])
+    med = float(p[order][np.searchsorted(cw, 0.5 * cw[-1])])
+    return 1000.0 / med if med > 0 else None
 
 
 def _isochrone_scores(grid, band_idx, data, params, eeps, weight):
@@ -240,7 +251,12 @@ def initial_guess(data: StarData, grid: ModelGrid, band_idx, *, init: dict | Non
     def scan(p):
         return _isochrone_scores_jit(grid, tuple(band_idx), data, p, eeps, weight)
 
-    fehs = [init["feh"]] if "feh" in init else [0.0]
+    # a coarse [Fe/H] set already in the first pass: at 0 alone, a 10-Gyr [Fe/H] = -1
+    # mock at 3000 pc scanned to log age 8.6 and every optimiser start stayed in that
+    # basin (log age 9.49 at the end, 1074 nats below the truth)
+    lo_fe, hi_fe = float(grid.iso.feh[0]), float(grid.iso.feh[-1])
+    fehs = [init["feh"]] if "feh" in init else [
+        f for f in (-2.0, -1.0, -0.5, 0.0, 0.25) if lo_fe <= f <= hi_fe]
     ages = [init["log_age"]] if "log_age" in init else list(np.arange(6.6, 10.21, 0.1))
     # A_V starts >= 0.05: at 0 the sampler would start on the boundary of its prior
     avs = [init["av_mag"]] if "av_mag" in init else list(np.arange(0.05, 1.51, 0.1))

@@ -104,7 +104,9 @@ def test_priors_from_toml(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The README's first command, at tiny settings: mock, pooled and unpooled fits, figures."""
+    """The README's first command, at tiny settings: mock, pooled and unpooled fits, figures.
+    The unpooled fit optimises 5 starts: its multi-start log line once needed a population
+    age the unpooled model does not have (KeyError 'log_age', which broke the demo)."""
     out = tmp_path / "demo"
     rc = main(["demo", "-o", str(out), "--n-stars", "30", "--chains", "1", "--warmup", "30",
                "--samples", "30", "--no-progress", "--quick"])

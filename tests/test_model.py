@@ -365,16 +365,3 @@ def test_shared_bc_slice_gives_the_same_density(monkeypatch):
         np.testing.assert_allclose(v_slice, v_direct, rtol=0, atol=1e-9)
         for a, b in zip(g_slice, g_direct):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-9)
-
-
-def test_unpooled_fit_runs_with_several_starts():
-    """The unpooled model has no population age: the multi-start log line must not need
-    one (it raised KeyError 'log_age', which broke ``clusterhbm demo``)."""
-    from clusterhbm.fit import fit_cluster
-    from clusterhbm.simulate import ClusterParams, simulate_cluster
-
-    sim = simulate_cluster(ClusterParams(), n_stars=20, seed=0)
-    res = fit_cluster(sim.catalogue, pooled=False, num_warmup=10, num_samples=10,
-                      num_chains=1, fit_widths=False, optimise_steps=5)
-    assert res.stars["mass_msun"].shape == (1, 10, 20)
-    assert np.all(np.isfinite(res.stars["mass_msun"]))
