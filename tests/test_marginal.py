@@ -77,6 +77,94 @@ def test_segment_integral_far_tail_is_finite():
     assert np.isfinite(float(g))
 
 
+def _lowrank_cases(rng):
+    """(r0, delta, prec, U) batches of segments with a rank-4 U and parallax: on, beside,
+    before and beyond a segment, a far tail, a short segment (sqrt(A) < 1e-3), a missing
+    band (precision 0, its U row 0)."""
+    out = []
+    for t0, scale, missing in [(0.4, 1.0, None), (-0.3, 1.0, None), (1.6, 1.0, None),
+                               (0.9, 1.0, 1), (30.0, 1.0, None), (0.5, 1e-5, None),
+                               (0.2, 1.0, 2)]:
+        prec = 1.0 / rng.uniform(0.005, 0.03, 4) ** 2
+        delta = rng.normal(0, 0.05, 4) * scale
+        u = rng.normal(0, 0.01, (4, 4))
+        r0 = t0 * delta + rng.normal(0, 0.01, 4) * (1.0 if scale == 1.0 else 0.3)
+        if missing is not None:
+            prec[missing], u[missing], r0[missing], delta[missing] = 0.0, 0.0, 0.0, 0.0
+        out.append((r0, delta, prec, u))
+    return out
+
+
+def test_lowrank_gradient_is_the_exact_derivative():
+    """The widths' segment integral has its gradient written out
+    (``_lowrank_log_integral_bwd``): it equals reverse-mode autodiff of the same forward
+    and central differences of the integral, in float64, in r0, delta, the precisions
+    and U, for every kind of segment (a short one to O(A), where the forward switches to
+    its midpoint form)."""
+    from clusterhbm.marginal import _lowrank_forward, _segment_finish
+
+    def autodiff_form(r0, delta, prec, u):
+        *_, a, b, c, logdet = _lowrank_forward(r0, delta, prec, u)
+        return _segment_finish(a, b, c, logdet, 1e-8)[0]
+
+    def custom(r0, delta, prec, u):
+        return segment_log_integral(r0, delta, prec, lowrank=u)[0]
+
+    rng = np.random.default_rng(3)
+    with x64():
+        for n, (r0, delta, prec, u) in enumerate(_lowrank_cases(rng)):
+            args = [jnp.asarray(x) for x in (r0, delta, prec, u)]
+            v1, g1 = jax.value_and_grad(custom, argnums=(0, 1, 2, 3))(*args)
+            v2, g2 = jax.value_and_grad(autodiff_form, argnums=(0, 1, 2, 3))(*args)
+            assert float(v1) == pytest.approx(float(v2), abs=1e-12)
+            short = n == 5
+            for i, (a, b) in enumerate(zip(g1, g2)):
+                a, b = np.asarray(a), np.asarray(b)
+                assert np.all(np.isfinite(a)), (n, i)
+                if i == 2:  # precisions: relative to their size; 0 for the missing band
+                    b = b * prec
+                    a = a * prec
+                tol = 1e-3 * (np.max(np.abs(b)) + 1.0) if short else (
+                    1e-7 * (np.max(np.abs(b)) + 1.0))
+                np.testing.assert_allclose(a, b, atol=tol, err_msg=f"case {n} arg {i}")
+            # central differences of the value in each entry of U (first-order exact)
+            h = 1e-6
+            for (i, m) in [(0, 0), (3, 2), (1, 3)]:
+                du = np.zeros((4, 4))
+                du[i, m] = h
+                fd = (float(custom(args[0], args[1], args[2], args[3] + du))
+                      - float(custom(args[0], args[1], args[2], args[3] - du))) / (2 * h)
+                assert float(g1[3][i, m]) == pytest.approx(fd, rel=1e-5, abs=1e-5), (n, i, m)
+
+
+def test_lowrank_gradient_matches_quadrature_over_t():
+    """Independent of the forward's algebra: d/dU of log ∫ N(r0 - t delta; 0,
+    diag(1/p) + U U') dt by a fine trapezoid in t, at central differences."""
+    rng = np.random.default_rng(4)
+    r0, delta, prec, u = _lowrank_cases(rng)[0]
+    t = np.linspace(0.0, 1.0, 20001)
+
+    def quad(uu):
+        cov = np.diag(1.0 / prec) + uu @ uu.T
+        icov = np.linalg.inv(cov)
+        res = r0[None] - t[:, None] * delta[None]
+        chi2 = np.einsum("ti,ij,tj->t", res, icov, res)
+        return (np.log(np.trapezoid(np.exp(-0.5 * chi2), t)) - 0.5 * np.log(np.linalg.det(cov))
+                - 0.5 * np.sum(np.log(prec)))
+
+    with x64():
+        g = np.asarray(jax.grad(lambda uu: segment_log_integral(
+            jnp.asarray(r0), jnp.asarray(delta), jnp.asarray(prec), lowrank=uu)[0])(
+            jnp.asarray(u)))
+    h = 1e-5
+    for i in range(4):
+        for m in range(4):
+            du = np.zeros((4, 4))
+            du[i, m] = h
+            assert g[i, m] == pytest.approx((quad(u + du) - quad(u - du)) / (2 * h),
+                                            rel=1e-4, abs=1e-3), (i, m)
+
+
 def test_q_bins_cover_the_prior_and_narrow_towards_one():
     edges, _ = q_bins(0.1, 12)
     e = np.asarray(edges)
