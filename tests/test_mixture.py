@@ -298,7 +298,7 @@ def test_detection_probability_matches_a_fine_eep_integral_and_is_smooth(grid):
 
 def test_binary_detection_probability_matches_a_fine_q_and_eep_integral(grid):
     """The binary branch of log P_det (the chord means of S averaged over 8 mid-point
-    mass ratios) against 20001 EEPs x 400 mass ratios of the model's own isochrone (the
+    mass ratios) against 20001 EEPs x 200 mass ratios of the model's own isochrone (the
     secondary's G interpolated in mass, fluxes added), f_bin 0.5, for an M67-like cluster
     cut at G = 16 (the cut crosses the upper main sequence, where a binary's brightening
     decides its detection), along 0.04 dex of log age. Measured: errors -2.8e-4 to
@@ -309,7 +309,7 @@ def test_binary_detection_probability_matches_a_fine_q_and_eep_integral(grid):
     kw = {"kind": "kroupa", "m_min": priors.m_min, "m_max": priors.m_max,
           "alpha": priors.imf_alpha}
     w = priors.selection_width_mag
-    qs = priors.q_min + (1.0 - priors.q_min) * (np.arange(400) + 0.5) / 400
+    qs = priors.q_min + (1.0 - priors.q_min) * (np.arange(200) + 0.5) / 200
     errs = []
     for la in (9.58, 9.6, 9.62):
         point = {"log_age": la, "feh": 0.0, "distance_pc": 850.0, "av_mag": 0.1,
