@@ -978,6 +978,24 @@ def _with_widths(pos0, imm0, config, guess):
     return {"pop": pop, "star": {}}, jnp.asarray(m, jnp.zeros(()).dtype)
 
 
+def fd_hessian(vg, x, scale, rel_step: float = 1e-2):
+    """Hessian of a loss at the flat position ``x`` by central differences of its compiled
+    value-and-gradient ``vg`` (2 D gradients), the step in coordinate i ``rel_step *
+    scale[i]``; symmetrised. For densities whose gradient has no forward mode (the
+    marginal model with widths: its segment integral has a hand-written reverse rule)."""
+    x = jnp.asarray(x)
+    h = rel_step * np.asarray(scale, float)
+    rows = []
+    for i in range(x.shape[0]):
+        e = np.zeros(x.shape[0])
+        e[i] = h[i]
+        e = jnp.asarray(e, x.dtype)
+        rows.append((np.asarray(vg(x + e)[1], float) - np.asarray(vg(x - e)[1], float))
+                    / (2.0 * h[i]))
+    hm = np.array(rows)
+    return 0.5 * (hm + hm.T)
+
+
 def _marginal_loss(x, *, sel, data, grid, keys, config, priors, opts):
     """-log density of the marginal model at the flat position ``x`` (``ravel_pytree``
     order of ``{"pop": ...}``: sorted ``keys``) with fixed segments ``sel``; -inf -> 1e30."""
@@ -992,6 +1010,46 @@ def _marginal_loss(x, *, sel, data, grid, keys, config, priors, opts):
 _MARGINAL_STATIC = ("keys", "config", "priors", "opts")
 _marginal_vg = jax.jit(jax.value_and_grad(_marginal_loss), static_argnames=_MARGINAL_STATIC)
 _marginal_hess = jax.jit(jax.hessian(_marginal_loss), static_argnames=_MARGINAL_STATIC)
+
+
+def _stack(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _laplace_states(pos, imm, opts, seed):
+    """The population ``pos["pop"]`` and ``opts.n_select_draws`` draws from its Laplace
+    approximation (covariance ``imm``, ``ravel_pytree`` order) with the sds times
+    ``opts.select_scale``: the states around which the fixed segments are chosen."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(pos)
+    cov = np.asarray(imm, float)
+    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[0]))
+    z = np.random.default_rng(seed).standard_normal((opts.n_select_draws, cov.shape[0]))
+    draws = np.asarray(flat, float)[None] + opts.select_scale * z @ chol.T
+    return [pos["pop"]] + [unravel(jnp.asarray(d, flat.dtype))["pop"] for d in draws]
+
+
+def _width_states(pop, k: float = 2.0):
+    """``pop`` with each mean moved by +-k of its fitted width (the stars' offsets reach
+    there), in the unconstrained coordinates."""
+    from .model import _AV_SCALE
+
+    moves = {"log_age": "ln_sigma_log_age", "feh": "ln_sigma_feh",
+             "ln_distance_pc": "ln_sigma_distance_pc", "av_raw": "ln_sigma_av_mag"}
+    out = []
+    for key, wkey in moves.items():
+        if wkey not in pop:
+            continue
+        sig = jnp.exp(pop[wkey])
+        if key == "ln_distance_pc":
+            step = sig / jnp.exp(pop[key])
+        elif key == "av_raw":  # d A_V / d raw = sigmoid(raw / scale)
+            step = sig / jax.nn.sigmoid(pop[key] / _AV_SCALE)
+        else:
+            step = sig
+        out += [{**pop, key: pop[key] + f * k * step} for f in (-1.0, 1.0)]
+    return out
 
 
 def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chains,
@@ -1059,24 +1117,44 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
             pos1 = newton_best(smooth_fn, pos1, vg=vg, hess=hess)
     imm0 = population_inverse_metric(smooth_fn, pos1, neg_hess=hess)
     if imm0 is not None:
-        from jax.flatten_util import ravel_pytree
-
-        flat, unravel = ravel_pytree(pos1)
-        cov = np.asarray(imm0, float)
-        chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[0]))
-        rng = np.random.default_rng(seed)
-        z = rng.standard_normal((opts.n_select_draws, cov.shape[0]))
-        draws = np.asarray(flat, float)[None] + opts.select_scale * z @ chol.T
-        states = [pos1["pop"]] + [unravel(jnp.asarray(d, flat.dtype))["pop"] for d in draws]
-        sel = select_segments(jax.tree.map(lambda *xs: jnp.stack(xs), *states), fd.data,
-                              grid, config, priors, opts, n_segments=opts.n_segments)
+        sel = select_segments(_stack(_laplace_states(pos1, imm0, opts, seed)), fd.data, grid,
+                              config, priors, opts, n_segments=opts.n_segments)
     log.info("marginal model: %d segments per star fixed in %.1f s (of %d)",
              int(sel.shape[1]), time.perf_counter() - t_sel,
              (1 + (opts.n_q if config.binaries else 0)) * (grid.iso.eep.shape[0] - 1)
              * opts.refine)
     if any(config_w.fit_widths):
+        config0 = config
         pos1, imm0 = _with_widths(pos1, imm0, config_w, guess)
         config = config_w
+        # the widths' start and metric from their own mode: with the identity for the
+        # log widths the first warm-up window of a 500-star mock ran at 140 leapfrog
+        # steps per draw (step size 0.06, 9 divergences); and the segments chosen again
+        # around that mode (the zero-width optimum's sets missed 0.5 of a star's log
+        # density at the final draws)
+        static = {"keys": tuple(sorted(pos1["pop"])), "config": config, "priors": priors,
+                  "opts": opts}
+        scale = np.sqrt(np.diag(np.asarray(imm0, float)))
+        for rnd in range(2):
+            vg = partial(_marginal_vg, sel=sel, data=fd.data, grid=grid, **static)
+
+            def hess(x, vg=vg):
+                return fd_hessian(vg, x, scale)
+
+            smooth_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts,
+                                                    sel=sel)
+            pos1 = newton_best(smooth_fn, pos1, vg=vg, hess=hess)
+            imm_w = population_inverse_metric(smooth_fn, pos1, neg_hess=hess)
+            if imm_w is not None:
+                imm0 = imm_w
+            if rnd == 0:
+                states = _laplace_states(pos1, imm0, opts, seed) + _width_states(pos1["pop"])
+                zero_keys = set(pop_position_keys(config0))
+                sel = select_segments(
+                    _stack([{k: v for k, v in st.items() if k in zero_keys} for st in states]),
+                    fd.data, grid, config0, priors, opts, n_segments=opts.n_segments)
+        log.info("marginal model with widths: start %s",
+                 {k: round(float(v), 4) for k, v in pos1["pop"].items()})
     logdensity_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts, sel=sel)
     keys = jax.random.split(k_init, num_chains)
     inits = jax.vmap(lambda k: jax.tree.map(
