@@ -23,8 +23,10 @@ def mock():
 def fit(mock):
     # cubic: the linear scheme's kinks at grid nodes cap NUTS's step size
     # (docs/performance.md); 2 x (500 + 400) draws gave R-hat ~1.00 and ESS 300-800, so
-    # 2 x (300 + 250) keeps ESS > 100 with room (CI time)
-    return fit_cluster(mock.catalogue, num_chains=2, num_warmup=300, num_samples=250,
+    # 2 x (300 + 250) kept ESS > 100 with room, but on the 2026-12-07 CPU its log age
+    # R-hat was 1.059 (the same before and after that day's changes: the chains' floating
+    # point differs by machine); 2 x (400 + 300) passes (CI time +30 s)
+    return fit_cluster(mock.catalogue, num_chains=2, num_warmup=400, num_samples=300,
                        seed=0, fit_widths=False, truth=TRUTH, cubic=True)
 
 
@@ -51,7 +53,7 @@ def test_results_roundtrip_and_json(fit, tmp_path):
     assert set(js["parameters"]) >= set(TRUTH)
     for v in js["parameters"].values():
         assert set(v) >= {"mean", "sd", "q05", "q50", "q95", "rhat", "ess_bulk", "ess_tail"}
-    assert js["n_stars"] == 100 and js["chains"] == 2 and js["draws"] == 250
+    assert js["n_stars"] == 100 and js["chains"] == 2 and js["draws"] == 300
     assert back.meta["grid_sha256"] == fit.meta["grid_sha256"]
 
 
