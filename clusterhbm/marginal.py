@@ -285,7 +285,7 @@ def _truncated_moments(t_star, a, u0, u1, short):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lowrank_log_integral(r0, delta, prec, lowrank, a_min):
-    pu, chol, wr, wd, a, b, c, logdet = _lowrank_forward(r0, delta, prec, lowrank)
+    *_, a, b, c, logdet = _lowrank_forward(r0, delta, prec, lowrank)
     return _segment_finish(a, b, c, logdet, a_min)[0]
 
 
