@@ -261,6 +261,20 @@ def test_segment_selection_is_the_exact_mean_along_each_chord():
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
+def _fine_isochrone(grid, popv, kw, n: int = 20001):
+    """Initial mass, G and IMF density at ``n`` EEPs of a population state's own
+    isochrone (the valid points): the reference integrals of P_det."""
+    table = popv["iso_table"]
+    lo, hi = table_eep_range(table)
+    props = jax.vmap(lambda e: table_interp(table, e))(jnp.linspace(lo, hi, n))
+    obs = jax.vmap(lambda pr: photometry(grid.bc, pr, popv["feh"], popv["distance_pc"],
+                                         popv["av_mag"], GAIA, bcs=popv["bc_slice"]))(props)
+    ok = np.asarray(obs.valid)
+    m = np.asarray(props.initial_mass, float)[ok]
+    g = np.asarray(obs.mags[:, 0], float)[ok]
+    return m, g, np.exp(np.asarray(log_imf(jnp.asarray(m), **kw), float))
+
+
 def test_detection_probability_matches_a_fine_eep_integral_and_is_smooth(grid):
     """log P_det against the integral over 20001 EEPs of the model's own isochrone (soft
     cut), along the line between a 500-star mock's truth and the fit that missed it by
@@ -276,17 +290,7 @@ def test_detection_probability_matches_a_fine_eep_integral_and_is_smooth(grid):
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         point = {k: a[k] + t * (b[k] - a[k]) for k in a}
         popv = population_state(pop_to_unconstrained(point, config), config, priors, grid)
-        table = popv["iso_table"]
-        lo, hi = table_eep_range(table)
-        props = jax.vmap(lambda e, tb=table: table_interp(tb, e))(
-            jnp.linspace(lo, hi, 20001))
-        obs = jax.vmap(lambda pr, pv=popv: photometry(
-            grid.bc, pr, pv["feh"], pv["distance_pc"], pv["av_mag"], GAIA,
-            bcs=pv["bc_slice"]))(props)
-        ok = np.asarray(obs.valid)
-        m = np.asarray(props.initial_mass, float)[ok]
-        g = np.asarray(obs.mags[:, 0], float)[ok]
-        f = np.exp(np.asarray(log_imf(jnp.asarray(m), **kw), float))
+        m, g, f = _fine_isochrone(grid, popv, kw)
         s = ndtr_np((priors.g_lim - g) / priors.selection_width_mag)
         ref = np.log(np.trapezoid(f * s, m)) - np.log(float(imf_cdf(jnp.asarray(m.max()),
                                                                       **kw)))
@@ -315,16 +319,7 @@ def test_binary_detection_probability_matches_a_fine_q_and_eep_integral(grid):
         point = {"log_age": la, "feh": 0.0, "distance_pc": 850.0, "av_mag": 0.1,
                  "f_bin": 0.5}
         popv = population_state(pop_to_unconstrained(point, config), config, priors, grid)
-        table = popv["iso_table"]
-        lo, hi = table_eep_range(table)
-        props = jax.vmap(lambda e, tb=table: table_interp(tb, e))(jnp.linspace(lo, hi, 20001))
-        obs = jax.vmap(lambda pr, pv=popv: photometry(
-            grid.bc, pr, pv["feh"], pv["distance_pc"], pv["av_mag"], GAIA,
-            bcs=pv["bc_slice"]))(props)
-        ok = np.asarray(obs.valid)
-        m = np.asarray(props.initial_mass, float)[ok]
-        g = np.asarray(obs.mags[:, 0], float)[ok]
-        f = np.exp(np.asarray(log_imf(jnp.asarray(m), **kw), float))
+        m, g, f = _fine_isochrone(grid, popv, kw)
         s_bin = np.zeros_like(m)
         for q in qs:
             lit = q * m >= m.min()
