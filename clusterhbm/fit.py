@@ -1103,8 +1103,8 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
     def around(pos):
         states = [pos["pop"]] + [{**pos["pop"], k: pos["pop"][k] + f * h}
                                  for k, h in steps.items() for f in (-1.0, -0.5, 0.5, 1.0)]
-        return select_segments(jax.tree.map(lambda *xs: jnp.stack(xs), *states), fd.data,
-                               grid, config, priors, opts, n_segments=opts.n_segments)
+        return select_segments(_stack(states), fd.data, grid, config, priors, opts,
+                               n_segments=opts.n_segments)
 
     static = {"keys": tuple(sorted(pos1["pop"])), "config": config, "priors": priors,
               "opts": opts}

@@ -165,6 +165,23 @@ def test_lowrank_gradient_matches_quadrature_over_t():
                                             rel=1e-4, abs=1e-3), (i, m)
 
 
+def test_fd_hessian_equals_the_exact_hessian():
+    """``fit.fd_hessian`` (the widths model's Hessian from its gradient) against
+    ``jax.hessian`` of a smooth, correlated, non-quadratic loss, in float64."""
+    from clusterhbm.fit import fd_hessian
+
+    def loss(x):
+        return (jnp.sum(jnp.exp(0.3 * x)) + 2.0 * x[0] * x[1] + 0.5 * x[2] ** 4
+                + jnp.sin(x[1] * x[2]))
+
+    with x64():
+        x = jnp.array([0.3, -0.7, 1.1])
+        vg = jax.jit(jax.value_and_grad(loss))
+        got = fd_hessian(vg, x, np.array([1.0, 0.5, 2.0]), rel_step=1e-4)
+        want = np.asarray(jax.hessian(loss)(x))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_q_bins_cover_the_prior_and_narrow_towards_one():
     edges, _ = q_bins(0.1, 12)
     e = np.asarray(edges)
