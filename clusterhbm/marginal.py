@@ -547,7 +547,9 @@ def track_and_jacobian(popv: dict, grid: ModelGrid, config: ModelConfig, priors:
 class Widths(NamedTuple):
     """What the widths add to every star's Gaussian (see the module docstring).
 
-    jac : (W, T, K, B) track Jacobian in the linear widths' parameters, or None
+    jac : (W, T, K - 1, B) the track Jacobian in the linear widths' parameters at each
+        segment's middle, its part along the segment removed for log age and [Fe/H]
+        (:func:`width_terms`), or None
     sig : (W,) their widths
     dist_mag, dist_plx : with a distance width, its column of U in the bands (same in
         each) and in parallax (sigma_d 5 / (d ln 10) and -sigma_d 1000 / d^2), else None
@@ -565,9 +567,45 @@ class Widths(NamedTuple):
     u_all: jax.Array
 
 
-def width_terms(popv: dict, config: ModelConfig, jac, tr: Track) -> Widths | None:
+def _segment_jacobian(jac, mags, along):
+    """(W, T, K - 1, B): the node Jacobian ``jac`` (W, T, K, B) at each segment's middle;
+    for the parameters flagged in ``along``, at every node its component along the track
+    removed first (the track's direction there: the difference of its neighbours, one-sided
+    at an end of the valid range).
+
+    Why: the Jacobian at fixed EEP moves a node partly along the track (at fixed EEP the
+    mass changes with age and [Fe/H]; on the pre-main sequence the EEPs slide fast) while
+    the segments' IMF weights stay the mean's, so the slide acts as a spurious blur of the
+    star density along the track. The track's displacement normal to itself does not
+    depend on how its points are labelled (EEP or mass); a slide along a straight track
+    is invisible. Measured on the log-age width's likelihood profile (500-star mocks of
+    the recovery study with only that width, 0.02, the rest at the truth;
+    ``scripts/width_profile_check.py``), maximum at: case a (100 Myr) 0.0137 with the
+    slide, 0.0194 without, 0.0185 by Gauss-Hermite quadrature over each star's exact
+    offset; b 0.0084, 0.0081, 0.0110; c 0.0204, 0.0209, 0.0179; d 0.0264, 0.0224,
+    0.0230. Euclidean in the bands: the part removed is along the track's direction, which
+    a straight track cannot tell from no move in any metric.
+    """
+    jm = 0.5 * (jac[:, :, :-1] + jac[:, :, 1:])
+    if not any(along):
+        return jm
+    good = jnp.all(mags < _BIG_MAG, -1)  # (T, K)
+    fwd = jnp.where((good[:, 1:] & good[:, :-1])[..., None], mags[:, 1:] - mags[:, :-1], 0.0)
+    zero = jnp.zeros_like(fwd[:, :1])
+    d = jnp.concatenate([fwd, zero], 1) + jnp.concatenate([zero, fwd], 1)  # (T, K, B)
+    dd = jnp.sum(d * d, -1)
+    ok = dd > 1e-12
+    coef = jnp.where(ok, jnp.sum(d[None] * jac, -1) / jnp.where(ok, dd, 1.0), 0.0)
+    flag = jnp.asarray(along)[:, None, None, None]
+    jn = jnp.where(flag, jac - coef[..., None] * d[None], jac)
+    return 0.5 * (jn[:, :, :-1] + jn[:, :, 1:])
+
+
+def width_terms(popv: dict, config: ModelConfig, jac, tr: Track,
+                project: bool = True) -> Widths | None:
     """:class:`Widths` of a population state and its track ``tr`` (None without
-    widths)."""
+    widths; ``project``: remove the age and [Fe/H] Jacobian's part along each segment,
+    :func:`_segment_jacobian`, as :class:`MarginalOptions` ``project_widths``)."""
     if not any(config.fit_widths):
         return None
     names = _linear_names(config)
@@ -578,6 +616,9 @@ def width_terms(popv: dict, config: ModelConfig, jac, tr: Track) -> Widths | Non
         dm = sd * 5.0 / (d * jnp.log(10.0))
         dp = -sd * 1000.0 / (d * d)
     t, k, _ = tr.mags.shape
+    if jac is not None:
+        jac = _segment_jacobian(jac, tr.mags, tuple(n in ("log_age", "feh") for n in names)
+                                if project else (False,) * len(names))
     flat = jnp.arange(t * (k - 1), dtype=jnp.int32)
     j, seg = flat // (k - 1), flat % (k - 1)
     wid = Widths(jac, sig, dm, dp, None)
@@ -593,7 +634,7 @@ def _width_lowrank(wid: Widths, j, seg, smear, with_smear: bool = True):
     a distance width."""
     cols = [smear[..., None]] if with_smear else []
     if wid.jac is not None:
-        jm = 0.5 * (wid.jac[:, j, seg] + wid.jac[:, j, seg + 1])  # (W, S, B)
+        jm = wid.jac[:, j, seg]  # (W, S, B)
         cols.append(jnp.moveaxis(jm, 0, -1) * wid.sig)
     u = jnp.concatenate(cols, -1) if cols else jnp.zeros(smear.shape + (0,), smear.dtype)
     if wid.dist_mag is None:
@@ -704,6 +745,9 @@ class MarginalOptions(NamedTuple):
         (:func:`select_segments`)
     n_select_draws, select_scale : the fixed set is chosen over the optimum and this many
         draws from its Laplace approximation with sds times ``select_scale``
+    project_widths : the age and [Fe/H] offsets move each segment normal to itself only
+        (``False``: the fixed-EEP Jacobian whole, the model before 2026-12-07; see
+        ``_segment_jacobian``)
     """
 
     n_q: int = 24
@@ -713,6 +757,7 @@ class MarginalOptions(NamedTuple):
     n_segments: int = 192
     n_select_draws: int = 24
     select_scale: float = 2.0
+    project_widths: bool = True
 
 
 def _with_parallax(ok, prec, y, plx_obs, plx_err):
@@ -885,7 +930,7 @@ def log_density_marginal(pop: dict, data: StarData, grid: ModelGrid, config: Mod
     popv = marginal_state(safe, config, priors, grid)
     tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
                                  refine=opts.refine)
-    wid = width_terms(popv, config, jac, tr)
+    wid = width_terms(popv, config, jac, tr, opts.project_widths)
 
     def one(data_i, sel_i):
         ll_s, ll_b, ll_f, lw_m, lw_f = star_log_likelihoods(tr, popv, data_i, config, priors,
@@ -978,7 +1023,7 @@ def star_conditionals(pop: dict, data: StarData, grid: ModelGrid, config: ModelC
     popv = marginal_state(pop, config, priors, grid)
     tr, jac = track_and_jacobian(popv, grid, config, priors, n_q=opts.n_q,
                                  refine=opts.refine)
-    wid = width_terms(popv, config, jac, tr)
+    wid = width_terms(popv, config, jac, tr, opts.project_widths)
     n = data.mag.shape[0]
     u = _uniform_from_bits(jnp.stack([jnp.asarray(pop[k], jnp.float32)
                                       for k in sorted(pop)]), n, _N_UNIFORM)

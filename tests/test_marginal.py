@@ -14,6 +14,7 @@ from clusterhbm.imf import imf_cdf, log_imf
 from clusterhbm.isochrone import table_eep_range, table_interp
 from clusterhbm.marginal import (
     MarginalOptions,
+    _segment_jacobian,
     check_config,
     log_density_marginal,
     make_marginal_logdensity_fn,
@@ -26,7 +27,7 @@ from clusterhbm.marginal import (
 )
 from clusterhbm.model import ModelConfig, Priors, pop_to_unconstrained, population_state
 from clusterhbm.photometry import photometry
-from clusterhbm.simulate import ClusterParams, simulate_cluster
+from clusterhbm.simulate import ClusterParams, ObservingModel, simulate_cluster
 
 GAIA = band_indices(("G", "BP", "RP"))
 POP = {"log_age": 9.6, "feh": 0.0, "distance_pc": 850.0, "av_mag": 0.1}
@@ -463,6 +464,102 @@ def test_track_jacobian_moves_the_track_to_first_order(grid):
     assert pct[1] < 0.4 * pct[0], pct
 
 
+def test_segment_jacobian_removes_only_the_slide_along_the_track():
+    """_segment_jacobian: on a straight track the part along it is removed exactly and
+    the normal part kept; on a curved track the result does not depend on how the nodes
+    are labelled (a Jacobian at fixed label that slides the nodes along the track gives
+    the same as one that moves them straight out, to O(spacing^2)); without the flag it
+    is the plain middle of the segment; invalid nodes (the track's padding) give finite
+    values and gradients."""
+    # straight track in three bands, a moving Jacobian with a part along it
+    u = np.array([1.0, 0.5, -0.3])
+    n = np.array([0.2, -0.1, 0.5])
+    n = n - u * (n @ u) / (u @ u)
+    s = np.linspace(0.0, 1.0, 11)
+    mags = (s[:, None] * u)[None]  # (T=1, K, B)
+    a = 0.3 + 2.0 * s ** 2
+    jac = (a[:, None] * u + n)[None, None]  # (W=1, T, K, B)
+    got = np.asarray(_segment_jacobian(jnp.asarray(jac), jnp.asarray(mags), (True,)))
+    np.testing.assert_allclose(got, np.broadcast_to(n, got.shape), atol=1e-6)
+    plain = np.asarray(_segment_jacobian(jnp.asarray(jac), jnp.asarray(mags), (False,)))
+    np.testing.assert_allclose(plain, 0.5 * (jac[:, :, 1:] + jac[:, :, :-1]), atol=1e-6)
+    # a parabola moved up by theta; labels s fixed, or sliding by v(s) theta
+    s = np.linspace(-1.0, 1.0, 101)
+
+    def curve(x):
+        return np.stack([x, x ** 2, 0.5 * x], -1)
+
+    v = 0.3 + 0.2 * s
+    fixed = np.broadcast_to([0.0, 1.0, 0.0], (s.size, 3))
+    sliding = fixed + v[:, None] * np.stack([np.ones_like(s), 2 * s, 0.5 * np.ones_like(s)], -1)
+    jj = jnp.asarray(np.stack([fixed, sliding])[:, None])  # (2, 1, K, 3)
+    got = np.asarray(_segment_jacobian(jj, jnp.asarray(curve(s)[None]), (True, True)))
+    np.testing.assert_allclose(got[1], got[0], atol=2e-3)
+    assert np.abs(got[0] - 0.5 * (jj[0, :, 1:] + jj[0, :, :-1])).max() > 0.3  # not trivial
+    # padding nodes (99 mag) at both ends
+    mp = np.array(curve(s)[None])
+    mp[:, :3] = 99.0
+    mp[:, -2:] = 99.0
+
+    def total(m, j):
+        return jnp.sum(_segment_jacobian(j, m, (True, False)))
+
+    val = total(jnp.asarray(mp), jj)
+    gm, gj = jax.grad(total, argnums=(0, 1))(jnp.asarray(mp), jj)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(gm)) and np.all(np.isfinite(gj))
+
+
+@pytest.mark.slow
+def test_age_width_profile_without_the_slide_peaks_where_quadrature_does(grid):
+    """The log-age width's likelihood profile (a 100-Myr, 150-pc mock of 500 stars with
+    an age width of 0.02 dex only, the recovery study's case a and mock, everything else
+    at the truth): the widths model's
+    maximum lies near the one from Gauss-Hermite quadrature over every star's exact
+    offset, and nearer than with the fixed-EEP Jacobian's slide along the track kept
+    (``project_widths=False``), which pulled it low (``scripts/width_profile_check.py
+    --case a`` on the same mock: 0.0194 and 0.0137 against 0.0185)."""
+    truth = {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1}
+    sim = simulate_cluster(ClusterParams(**truth, sigma_log_age=0.02), n_stars=500,
+                           seed=1000, grid=grid,
+                           observing=ObservingModel(mag_systematic_mag=0.01))
+    data = prepare_data(sim.catalogue, member_prob_column=None).data
+    cfg0 = _config()
+    cfgw = cfg0._replace(fit_widths=(True, False, False, False))
+    pri = Priors()
+    opts = MarginalOptions()
+
+    def profile(cfg, o):
+        f = jax.jit(lambda q: jnp.sum(log_density_marginal(q, data, grid, cfg, pri, o,
+                                                           per_star=True)))
+        return f
+
+    fw = profile(cfgw, opts)
+    fs = profile(cfgw, opts._replace(project_widths=False))
+    f0 = jax.jit(lambda q: log_density_marginal(q, data, grid, cfg0, pri, opts,
+                                                per_star=True))
+    x, w = _hermite(16)
+    scan = np.array([0.004, 0.008, 0.012, 0.016, 0.02, 0.024, 0.028, 0.034, 0.04])
+    first, slide, quad = [], [], []
+    for sg in scan:
+        q = pop_to_unconstrained({**truth, "sigma_log_age": sg}, cfgw)
+        first.append(float(fw(q)))
+        slide.append(float(fs(q)))
+        t = np.stack([np.asarray(f0(pop_to_unconstrained({**truth, "log_age": 8.0 + sg * xi},
+                                                          cfg0))) for xi in x])
+        mx = t.max(0)
+        quad.append(float(np.sum(mx + np.log(np.sum(w[:, None] * np.exp(t - mx), 0)))))
+
+    def peak(y):
+        k = int(np.clip(np.argmax(y), 1, len(y) - 2))
+        c = np.polyfit(scan[k - 1:k + 2], np.asarray(y)[k - 1:k + 2], 2)
+        return -c[1] / (2 * c[0])
+
+    p_first, p_slide, p_quad = peak(first), peak(slide), peak(quad)
+    print("profile maxima: projected", p_first, "slide", p_slide, "quadrature", p_quad)
+    assert abs(p_first - p_quad) < 0.003, (p_first, p_quad)
+    assert abs(p_first - p_quad) < abs(p_slide - p_quad), (p_first, p_slide, p_quad)
+
+
 def _hermite(n=24):
     x, w = np.polynomial.hermite_e.hermegauss(n)
     return x, w / w.sum()
@@ -479,11 +576,15 @@ def test_width_integral_matches_quadrature_over_offsets(grid, mixture_mock, name
     zero-width likelihood at the moved population value (24 nodes; singles and
     binaries, no field term, no selection). Measured |difference| median / 90% / max
     over the 60 stars: distance (12 pc at 850) 0.001 / 0.004 / 0.06; log age (0.02)
-    0.019 / 0.080 / 0.31 (worst: the brightest star, G = 12.5, where the age moves the
+    0.008 / 0.056 / 0.85 (worst: the brightest star, G = 12.5, where the age moves the
     subgiant branch and its IMF weights, which the widths model keeps at the mean's);
-    [Fe/H] (0.04) 0.005 / 0.027 / 0.39; A_V (0.04) 0.002 / 0.004 / 0.03. The age, [Fe/H]
-    and A_V cases are marked slow (~1 min each); so is the distance case, and the other
-    widths tests (the CI run is at its 30-min limit: run them with -m slow)."""
+    [Fe/H] (0.04) 0.004 / 0.020 / 0.31; A_V (0.04) 0.002 / 0.004 / 0.03. With the age and
+    [Fe/H] Jacobians' slide along the track kept (``project_widths=False``, the model
+    before 2026-12-07) log age was 0.019 / 0.080 / 0.31 and [Fe/H] 0.005 / 0.027 / 0.39:
+    the projection halves the typical star's error and moves this subgiant's from 0.31 to
+    0.85 (the width's profile is what it is for; see ``test_age_width_profile_...``).
+    The cases are marked slow (~1 min each), as are the other widths tests (the CI run is
+    near its 30-min limit: run them with -m slow)."""
     _, fd = mixture_mock
     cfg0 = _config(binaries=True, cubic=True)
     flags = tuple(n == name for n in ("log_age", "feh", "distance_pc", "av_mag"))
@@ -507,7 +608,8 @@ def test_width_integral_matches_quadrature_over_offsets(grid, mixture_mock, name
     stats = (np.median(err), np.percentile(err, 90), err.max())
     print(name, sigma, np.round(stats, 4), "worst at G =",
           float(fd.data.mag[np.flatnonzero(ok)[np.argmax(err)], 0]))
-    assert stats[0] < 0.03 and stats[1] < 0.15 and stats[2] < 0.5, stats
+    assert stats[0] < 0.03 and stats[1] < 0.15, stats
+    assert stats[2] < (1.0 if name == "log_age" else 0.5), stats
 
 
 @pytest.mark.slow
