@@ -72,8 +72,10 @@ star's track (and its parallax) to first order,
 with J the track's Jacobian at fixed EEP in log age, [Fe/H] and A_V (a secant, once
 per evaluation with the track: :func:`track_and_jacobian`; EEPs align the phases, so the
 track moves smoothly at fixed EEP; the second-order error is measured in
-``tests/test_marginal.py``), and for distance 5 / (d ln 10) in every band and
--1000 / d^2 in parallax. Linear and Gaussian, the offsets integrate out exactly: the
+``tests/test_marginal.py``), for log age and [Fe/H] with its part along the track
+removed (:func:`_segment_jacobian`: at fixed EEP the nodes also slide along the track,
+which with the IMF weights held at the mean's would blur the star density along it),
+and for distance 5 / (d ln 10) in every band and -1000 / d^2 in parallax. Linear and Gaussian, the offsets integrate out exactly: the
 star's covariance gains the low-rank term U U', U = J diag(sigma) (per segment, J at its
 middle), beside the binary bins' smearing vector, and with a distance width the parallax
 joins the bands as one more coordinate of the Gaussian (it correlates with the
