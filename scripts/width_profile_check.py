@@ -54,9 +54,17 @@ NAMES = ("log_age", "feh", "distance_pc", "av_mag")
 
 def peak(x, y):
     """Maximum of the parabola through the best scan point and its neighbours."""
+    return peak_and_sd(x, y)[0]
+
+
+def peak_and_sd(x, y):
+    """(maximum, sd) of the parabola through the best scan point and its neighbours (sd:
+    from its curvature, as for a Gaussian likelihood; nan if it is not concave)."""
     k = int(np.clip(np.argmax(y), 1, len(y) - 2))
     c = np.polyfit(x[k - 1:k + 2], y[k - 1:k + 2], 2)
-    return float(-c[1] / (2 * c[0])) if c[0] < 0 else float(x[np.argmax(y)])
+    if c[0] >= 0:
+        return float(x[np.argmax(y)]), float("nan")
+    return float(-c[1] / (2 * c[0])), float(np.sqrt(-1.0 / (2 * c[0])))
 
 
 def main(argv=None):
@@ -120,11 +128,13 @@ def main(argv=None):
            "quadrature": (quad - quad.max()).tolist(),
            "offset_first_minus_quadrature": (first - quad).tolist(),
            "peak_first_order": peak(scan, first), "peak_first_order_slide": peak(scan, first_s),
-           "peak_quadrature": peak(scan, quad),
+           "peak_quadrature": peak(scan, quad), "sd_quadrature": peak_and_sd(scan, quad)[1],
            "versions": versions()}
     print(f"maximum-likelihood width: first-order {res['peak_first_order']:.4g}, with the "
           f"slide {res['peak_first_order_slide']:.4g}, quadrature "
-          f"{res['peak_quadrature']:.4g} (mock {sigma:g})")
+          f"{res['peak_quadrature']:.4g} (mock {sigma:g}; the quadrature profile's sd "
+          f"{res['sd_quadrature']:.2g}: misses of {(res['peak_first_order'] - res['peak_quadrature']) / res['sd_quadrature']:+.1f} "
+          f"and {(res['peak_first_order_slide'] - res['peak_quadrature']) / res['sd_quadrature']:+.1f} sd)")
     print("     sigma  first-order  with slide  quadrature")
     for row in zip(scan, res["first_order"], res["first_order_slide"], res["quadrature"]):
         print("  {:8.4g}  {:11.3f}  {:10.3f}  {:10.3f}".format(*row))
