@@ -75,9 +75,9 @@ track moves smoothly at fixed EEP; the second-order error is measured in
 ``tests/test_marginal.py``), for log age and [Fe/H] with its part along the track
 removed (:func:`_segment_jacobian`: at fixed EEP the nodes also slide along the track,
 which with the IMF weights held at the mean's would blur the star density along it),
-and for distance 5 / (d ln 10) in every band and -1000 / d^2 in parallax. Linear and Gaussian, the offsets integrate out exactly: the
-star's covariance gains the low-rank term U U', U = J diag(sigma) (per segment, J at its
-middle), beside the binary bins' smearing vector, and with a distance width the parallax
+and for distance 5 / (d ln 10) in every band and -1000 / d^2 in parallax. Linear and
+Gaussian, the offsets integrate out exactly: the star's covariance gains the low-rank
+term U U', U = J diag(sigma) (per segment, J at its middle), beside the binary bins' smearing vector, and with a distance width the parallax
 joins the bands as one more coordinate of the Gaussian (it correlates with the
 magnitudes through d_i). :func:`segment_log_integral` takes the low-rank term (Woodbury).
 NUTS still sees the population and the widths only, a dozen smooth coordinates: no
@@ -550,8 +550,8 @@ class Widths(NamedTuple):
     """What the widths add to every star's Gaussian (see the module docstring).
 
     jac : (W, T, K - 1, B) the track Jacobian in the linear widths' parameters at each
-        segment's middle, its part along the segment removed for log age and [Fe/H]
-        (:func:`width_terms`), or None
+        segment's middle, for log age and [Fe/H] with its part along the track removed
+        (:func:`_segment_jacobian`), or None
     sig : (W,) their widths
     dist_mag, dist_plx : with a distance width, its column of U in the bands (same in
         each) and in parallax (sigma_d 5 / (d ln 10) and -sigma_d 1000 / d^2), else None
@@ -606,7 +606,7 @@ def _segment_jacobian(jac, mags, along):
 def width_terms(popv: dict, config: ModelConfig, jac, tr: Track,
                 project: bool = True) -> Widths | None:
     """:class:`Widths` of a population state and its track ``tr`` (None without
-    widths; ``project``: remove the age and [Fe/H] Jacobian's part along each segment,
+    widths; ``project``: remove the age and [Fe/H] Jacobians' part along the track,
     :func:`_segment_jacobian`, as :class:`MarginalOptions` ``project_widths``)."""
     if not any(config.fit_widths):
         return None
@@ -747,7 +747,7 @@ class MarginalOptions(NamedTuple):
         (:func:`select_segments`)
     n_select_draws, select_scale : the fixed set is chosen over the optimum and this many
         draws from its Laplace approximation with sds times ``select_scale``
-    project_widths : the age and [Fe/H] offsets move each segment normal to itself only
+    project_widths : the age and [Fe/H] offsets move the track normal to itself only
         (``False``: the fixed-EEP Jacobian whole, the model before 2026-12-07; see
         ``_segment_jacobian``)
     """
