@@ -3,7 +3,8 @@
 Notebooks are jupytext percent scripts, so they run as plain Python. Each runs in a fresh
 process with ``CLUSTERHBM_QUICK=1`` (tiny fits), the Gaia cache seeded in a temporary
 directory from ``../shared/data/clusters`` (no network), and its figures written to a
-temporary folder, which the test checks.
+temporary folder, which the test checks. Each notebook is a test (and a pytest-xdist work
+unit, tests/conftest.py) of its own, so the two CI workers share them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -61,29 +61,16 @@ def _run(notebook: Path, base: Path):
     return proc, out, time.perf_counter() - t0
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Run every notebook once, two at a time (compiling is single-threaded, 2 cores), or
-    one at a time under pytest-xdist (another worker has the other core)."""
-    base = tmp_path_factory.mktemp("notebooks")
-    runnable = [nb for nb in NOTEBOOKS
-                if not (NEEDS_DATA.get(nb.stem) and not (CLUSTERS / NEEDS_DATA[nb.stem]).exists())]
-    workers = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {nb.stem: pool.submit(_run, nb, base) for nb in runnable}
-        return {k: f.result() for k, f in futures.items()}
-
-
 def test_every_notebook_is_listed():
     assert {p.stem for p in NOTEBOOKS} >= set(EXPECTED)
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(notebook, executed):
+def test_notebook_runs(notebook, tmp_path):
     need = NEEDS_DATA.get(notebook.stem)
     if need and not (CLUSTERS / need).exists():
         pytest.skip(f"{CLUSTERS / need} not available")
-    proc, out, seconds = executed[notebook.stem]
+    proc, out, seconds = _run(notebook, tmp_path)
     print(f"{notebook.name}: {seconds:.0f} s")
     assert proc.returncode == 0, (
         f"{notebook.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
