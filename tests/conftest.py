@@ -49,7 +49,7 @@ OWN_UNIT = {
 
 #: seconds of test time per work unit in the full run of 2026-12-07 (``-n 2``,
 #: ``--durations=0``, 2-core development CPU; 3430 s in all, 1734 s wall); only their order
-#: matters. Unlisted units count 10 s.
+#: matters (`python scripts/ci_unit_times.py LOG` refreshes them). Unlisted units count 10 s.
 COST = {
     "test_marginal.py::test_marginal_mixture_fit_recovers_fractions": 426,
     "notebook:m67": 406,
