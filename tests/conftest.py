@@ -89,6 +89,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: (-COST.get(work_unit(it.nodeid), 10), first[work_unit(it.nodeid)]))
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain pytest run (no xdist) has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with the units above instead of whole files, in collection
     order (longest first) instead of xdist's default order (most tests first)."""
