@@ -80,3 +80,14 @@ def test_notebook_runs(notebook, tmp_path):
     if notebook.stem not in EXPECTED:
         assert any(p.stat().st_size > 1000 for p in out.rglob("*.png")), (
             f"{notebook.name} wrote no figure under $CLUSTERHBM_NOTEBOOK_OUT")
+
+
+def test_each_notebook_is_its_own_work_unit():
+    """tests/conftest.py: notebooks split across the xdist workers, other files stay whole."""
+    from conftest import work_unit
+
+    assert work_unit("tests/test_notebooks.py::test_notebook_runs[m67]") == "notebook:m67"
+    assert work_unit("tests/test_notebooks.py::test_every_notebook_is_listed") == "test_notebooks.py"
+    assert work_unit("tests/test_model.py::test_x[a]") == "test_model.py"
+    assert (work_unit("tests/test_cli.py::test_demo_runs_end_to_end")
+            == "test_cli.py::test_demo_runs_end_to_end")
