@@ -406,7 +406,7 @@ def adam_best(logdensity_fn, position, *, num_steps: int = 300,
     (jit it, or vmap it over problems as :func:`clusterhbm.parallel.fit_many` does)."""
     import optax
 
-    frozen = {k for k in position["pop"] if k.startswith("ln_sigma")}
+    frozen = {k for k in position["pop"] if k.startswith(("ln_sigma", "signed_sigma"))}
     free = {"pop": {k: v for k, v in position["pop"].items() if k not in frozen},
             "star": position["star"]}
     fixed = {k: v for k, v in position["pop"].items() if k in frozen}
@@ -961,17 +961,19 @@ def population_inverse_metric(logdensity_fn, position, *, min_var: float = 1e-10
 
 def _with_widths(pos0, imm0, config, guess):
     """The zero-width start ``pos0`` (inverse metric ``imm0``, ``ravel_pytree`` order)
-    extended by the log widths of ``config`` at :func:`start_widths` (variance 1 each,
-    uncorrelated)."""
-    from .model import WIDTH_PARAMS
+    extended by the widths of ``config`` at :func:`start_widths` (uncorrelated; variance 1
+    in ln sigma, or the start width squared in a signed width)."""
+    from .model import WIDTH_PARAMS, width_key, width_to_position
 
     start = start_widths(float(guess["distance_pc"]))
-    pop = dict(pos0["pop"])
+    pop, var = dict(pos0["pop"]), {}
     for name, on in zip(WIDTH_PARAMS, config.fit_widths):
         if on:
-            pop["ln_" + name] = jnp.log(jnp.asarray(start[name], jnp.zeros(()).dtype))
+            key = width_key(name, config)
+            pop[key] = width_to_position(start[name], config).astype(jnp.zeros(()).dtype)
+            var[key] = start[name] ** 2 if config.signed_widths else 1.0
     keys0, keys = sorted(pos0["pop"]), sorted(pop)
-    m = np.eye(len(keys))
+    m = np.diag([var.get(k, 1.0) for k in keys])
     if imm0 is not None:
         idx = np.array([keys.index(k) for k in keys0])
         m[np.ix_(idx, idx)] = np.asarray(imm0, float)
@@ -1030,18 +1032,19 @@ def _laplace_states(pos, imm, opts, seed):
     return [pos["pop"]] + [unravel(jnp.asarray(d, flat.dtype))["pop"] for d in draws]
 
 
-def _width_states(pop, k: float = 2.0):
+def _width_states(pop, config, k: float = 2.0):
     """``pop`` with each mean moved by +-k of its fitted width (the stars' offsets reach
     there), in the unconstrained coordinates."""
-    from .model import _AV_SCALE
+    from .model import _AV_SCALE, width_from_position, width_key
 
-    moves = {"log_age": "ln_sigma_log_age", "feh": "ln_sigma_feh",
-             "ln_distance_pc": "ln_sigma_distance_pc", "av_raw": "ln_sigma_av_mag"}
+    moves = {"log_age": "sigma_log_age", "feh": "sigma_feh",
+             "ln_distance_pc": "sigma_distance_pc", "av_raw": "sigma_av_mag"}
     out = []
-    for key, wkey in moves.items():
+    for key, name in moves.items():
+        wkey = width_key(name, config)
         if wkey not in pop:
             continue
-        sig = jnp.exp(pop[wkey])
+        sig = width_from_position(pop[wkey], config)
         if key == "ln_distance_pc":
             step = sig / jnp.exp(pop[key])
         elif key == "av_raw":  # d A_V / d raw = sigmoid(raw / scale)
@@ -1071,7 +1074,8 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
     opts = MarginalOptions() if opts is None else opts
     # the start, the segment sets and the starting metric come from the zero-width model;
     # the widths (with the stars' offsets integrated out) join before the sampler
-    config_w, config = config, config._replace(fit_widths=(False,) * 4)
+    config_w = config._replace(signed_widths=bool(opts.signed_widths))
+    config = config._replace(fit_widths=(False,) * 4)
     # 1. optimise with the per-evaluation choice of each star's nearest blocks (rough at
     #    the 0.1-1 level where the choice changes: fine for Adam, not for NUTS)
     rough_fn = make_marginal_logdensity_fn(fd.data, grid, config, priors, opts)
@@ -1148,7 +1152,8 @@ def _fit_marginal(fd, grid, config, priors, guess, eep0, *, init, opts, num_chai
             if imm_w is not None:
                 imm0 = imm_w
             if rnd == 0:
-                states = _laplace_states(pos1, imm0, opts, seed) + _width_states(pos1["pop"])
+                states = (_laplace_states(pos1, imm0, opts, seed)
+                          + _width_states(pos1["pop"], config))
                 zero_keys = set(pop_position_keys(config0))
                 sel = select_segments(
                     _stack([{k: v for k, v in st.items() if k in zero_keys} for st in states]),

@@ -86,6 +86,9 @@ __all__ = [
     "star_observables",
     "star_terms",
     "star_values",
+    "width_from_position",
+    "width_key",
+    "width_to_position",
 ]
 
 #: population means, in summary order
@@ -113,6 +116,11 @@ class ModelConfig(NamedTuple):
         density (the completeness term)
     fit_mf_slope : the mass function is a power law dN/dm ∝ m^-mf_slope over
         ``[m_min, m_max]`` with the slope fitted (overrides ``imf``)
+    signed_widths : the fitted widths' coordinate: ``False``, ``ln sigma`` (position keys
+        ``ln_sigma_*``); ``True``, a signed width ``s`` with ``sigma = |s|`` (keys
+        ``signed_sigma_*``; the marginal model only, whose density depends on each width
+        through its square, so is even and smooth in ``s``: no exponential tail towards
+        ``sigma = 0`` as in ``ln sigma``; see :func:`width_key`)
     """
 
     band_idx: tuple = (0, 1, 2)
@@ -126,6 +134,23 @@ class ModelConfig(NamedTuple):
     field: bool = False
     selection: bool = False
     fit_mf_slope: bool = False
+    signed_widths: bool = False
+
+
+def width_key(name: str, config: ModelConfig) -> str:
+    """The position key of width ``name`` (one of :data:`WIDTH_PARAMS`) under ``config``."""
+    return ("signed_" if config.signed_widths else "ln_") + name
+
+
+def width_from_position(x, config: ModelConfig):
+    """The width from its position coordinate (``|s|`` or ``exp(ln sigma)``)."""
+    return jnp.abs(x) if config.signed_widths else jnp.exp(x)
+
+
+def width_to_position(sigma, config: ModelConfig):
+    """Inverse of :func:`width_from_position` (the positive branch for a signed width)."""
+    sigma = jnp.asarray(sigma, float)
+    return sigma if config.signed_widths else jnp.log(sigma)
 
 
 class Priors(NamedTuple):
@@ -234,7 +259,8 @@ def population_values(pop: dict, config: ModelConfig, priors: Priors):
             "av_mag": _AV_SCALE * jax.nn.softplus(pop["av_raw"] / _AV_SCALE),
         }
         for name, on in zip(WIDTH_PARAMS, config.fit_widths):
-            out[name] = jnp.exp(pop["ln_" + name]) if on else jnp.zeros_like(pop["feh"])
+            out[name] = (width_from_position(pop[width_key(name, config)], config) if on
+                         else jnp.zeros_like(pop["feh"]))
     out["parallax_zp_mas"] = (pop["parallax_zp_mas"] if config.fit_parallax_zp
                               else jnp.asarray(priors.parallax_zp_mas, out["feh"].dtype))
     if config.binaries:
@@ -268,9 +294,14 @@ def log_prior_population(pop: dict, config: ModelConfig, priors: Priors, grid: M
         scales = (priors.sigma_log_age_scale, priors.sigma_feh_scale,
                   priors.sigma_distance_frac_scale * d, priors.sigma_av_scale)
         for name, on, scale in zip(WIDTH_PARAMS, config.fit_widths, scales):
-            if on:
-                ls = pop["ln_" + name]
-                lp += _log_halfnormal(jnp.exp(ls), scale) + ls
+            if not on:
+                continue
+            x = pop[width_key(name, config)]
+            if config.signed_widths:
+                # half of the HalfNormal density at |s| on each side (no Jacobian)
+                lp += _log_halfnormal(x, scale) - jnp.log(2.0)
+            else:
+                lp += _log_halfnormal(jnp.exp(x), scale) + x
         lp = jnp.where(ok, lp, -jnp.inf)
     if config.fit_parallax_zp:
         lp += -0.5 * ((pop["parallax_zp_mas"] - priors.parallax_zp_mas)
@@ -660,6 +691,10 @@ def make_logdensity_fn(data: StarData, grid: ModelGrid, config: ModelConfig,
     if config.field and data.log_field_mag is None:
         raise ValueError("ModelConfig(field=True) needs StarData.log_field_mag (see "
                          "clusterhbm.field.field_photometry_log_density)")
+    if config.signed_widths and config.pooled and any(config.fit_widths):
+        # here each star's offset is sigma * z: (s, z) and (-s, -z) are two modes
+        raise ValueError("ModelConfig(signed_widths=True) is for the marginal model "
+                         "(clusterhbm.marginal); the per-star latent model samples ln sigma")
 
     def logdensity_fn(position):
         return log_density(position, data, grid, config, priors)
@@ -672,7 +707,7 @@ def pop_position_keys(config: ModelConfig) -> tuple:
     keys = []
     if config.pooled:
         keys += ["log_age", "feh", "ln_distance_pc", "av_raw"]
-        keys += ["ln_" + n for n, on in zip(WIDTH_PARAMS, config.fit_widths) if on]
+        keys += [width_key(n, config) for n, on in zip(WIDTH_PARAMS, config.fit_widths) if on]
     if config.fit_parallax_zp:
         keys.append("parallax_zp_mas")
     if config.binaries:
@@ -702,7 +737,7 @@ def pop_to_unconstrained(values: dict, config: ModelConfig) -> dict:
         out["av_raw"] = _AV_SCALE * _softplus_inv(av / _AV_SCALE)
         for n, on in zip(WIDTH_PARAMS, config.fit_widths):
             if on:
-                out["ln_" + n] = jnp.log(jnp.asarray(values[n], float))
+                out[width_key(n, config)] = width_to_position(values[n], config)
     if config.fit_parallax_zp:
         out["parallax_zp_mas"] = jnp.asarray(values.get("parallax_zp_mas", 0.0), float)
 

@@ -8,7 +8,7 @@ population parameter, R-hat, ESS, divergences and wall time, and writes JSON rec
     python scripts/recovery_study.py [--n-stars 500] [--chains 4] [--warmup 1000]
         [--samples 1000] [--cases a,b,c,d] [--widths both|zero|nonzero] [--seeds 1]
         [--cubic] [--metric dense|diag] [--max-doublings 10] [--batch] [--marginal]
-        [--selection] [--sim-floor MAG] [--fit-floor MAG]
+        [--selection] [--sim-floor MAG] [--fit-floor MAG] [--width-coord log|signed]
 
 ``--marginal`` fits the marginal model (:mod:`clusterhbm.marginal`: every star's mass
 integrated out; with widths, per-star offsets for them).
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from clusterhbm.fit import fit_cluster
+from clusterhbm.marginal import MarginalOptions
 from clusterhbm.model import Priors
 from clusterhbm.parallel import fit_many
 from clusterhbm.results import versions
@@ -126,6 +127,10 @@ def main(argv=None):
                    help="fit all mocks of a width setting together with fit_many")
     p.add_argument("--marginal", action="store_true",
                    help="the marginal model (mass integrated out)")
+    p.add_argument("--width-coord", choices=("log", "signed"), default=None,
+                   help="with --marginal: the sampler's coordinate for the widths, ln sigma "
+                        "or a signed sigma (MarginalOptions.signed_widths; default: the "
+                        "fitter's)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bar (stderr)")
     p.add_argument("--selection", action="store_true",
                    help="fit the selection function (the mocks are cut at G = 19: without "
@@ -158,6 +163,8 @@ def main(argv=None):
 
     dense = None if a.metric is None else a.metric == "dense"
     priors = None if a.fit_floor is None else Priors(mag_floor=a.fit_floor)
+    mopts = (None if a.width_coord is None
+             else MarginalOptions(signed_widths=a.width_coord == "signed"))
     wopts = {"both": (False, True), "zero": (False,), "nonzero": (True,)}[a.widths]
     for wide in wopts:
         seeds = range(a.first_seed, a.first_seed + a.seeds)
@@ -186,7 +193,8 @@ def main(argv=None):
                               cubic=a.cubic, n_starts=a.n_starts,
                               dense_mass_matrix=dense, max_num_doublings=a.max_doublings,
                               truth=t, marginal=a.marginal, progress=a.progress,
-                              selection=a.selection, priors=priors)
+                              selection=a.selection, priors=priors,
+                              marginal_options=mopts)
             rows.append(row_of(res, case, wide, seed, a.n_stars, t,
                                time.perf_counter() - t0, a.chains, a.samples))
             save()

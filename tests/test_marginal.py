@@ -25,7 +25,13 @@ from clusterhbm.marginal import (
     star_log_likelihoods,
     track,
 )
-from clusterhbm.model import ModelConfig, Priors, pop_to_unconstrained, population_state
+from clusterhbm.model import (
+    ModelConfig,
+    Priors,
+    make_logdensity_fn,
+    pop_to_unconstrained,
+    population_state,
+)
 from clusterhbm.photometry import photometry
 from clusterhbm.simulate import ClusterParams, ObservingModel, simulate_cluster
 
@@ -666,6 +672,50 @@ def test_width_density_gradient_matches_finite_differences(grid, mixture_mock):
         assert np.all(np.isfinite(st[k]))
         assert np.all(np.abs(st[k][mem] - POP[k]) < 5 * sd + (0.012 if k == "log_age" else 0))
         assert np.std(st[k][mem]) > 0.1 * sd
+
+
+def test_signed_widths_are_the_log_widths_density_by_its_jacobian(grid, mixture_mock):
+    """``signed_widths``: sigma = |s|. The density in s is the ln-sigma density less
+    ln sigma (the Jacobian) and ln 2 per width (half the HalfNormal on each side), even in
+    s, and smooth through s = 0 (the model depends on each width through its square): the
+    gradient there is finite and zero, and equals finite differences elsewhere."""
+    _, fd = mixture_mock
+    cfg_log = _config(selection=True)._replace(fit_widths=WIDE)
+    cfg_s = cfg_log._replace(signed_widths=True)
+    pri = Priors(g_lim=19.0)
+    opts = MarginalOptions()
+    widths = {"sigma_log_age": 0.02, "sigma_feh": 0.03, "sigma_distance_pc": 8.5,
+              "sigma_av_mag": 0.03}
+    p_log = pop_to_unconstrained({**POP, **widths}, cfg_log)
+    p_s = pop_to_unconstrained({**POP, **widths}, cfg_s)
+    assert sorted(p_s) == sorted(k.replace("ln_", "signed_") if "sigma" in k else k
+                                 for k in p_log)
+    sel = select_segments(jax.tree.map(lambda x: x[None], p_log), fd.data, grid,
+                          cfg_log._replace(fit_widths=(False,) * 4), pri, opts,
+                          n_segments=128)
+    f_log = jax.jit(make_marginal_logdensity_fn(fd.data, grid, cfg_log, pri, opts, sel=sel))
+    f_s = jax.jit(make_marginal_logdensity_fn(fd.data, grid, cfg_s, pri, opts, sel=sel))
+    want = float(f_log({"pop": p_log})) - sum(np.log(v) + np.log(2.0) for v in widths.values())
+    assert float(f_s({"pop": p_s})) == pytest.approx(want, abs=1e-6 * abs(want))
+    flipped = {k: (-v if k.startswith("signed_") else v) for k, v in p_s.items()}
+    assert float(f_s({"pop": flipped})) == pytest.approx(want, abs=1e-6 * abs(want))
+    grad = jax.jit(jax.grad(f_s))
+    g = grad({"pop": p_s})["pop"]
+    for k in ("signed_sigma_log_age", "signed_sigma_av_mag"):
+        h = 0.02 * float(p_s[k])
+        up = float(f_s({"pop": {**p_s, k: p_s[k] + h}}))
+        dn = float(f_s({"pop": {**p_s, k: p_s[k] - h}}))
+        assert float(g[k]) * h == pytest.approx((up - dn) / 2, rel=0.05, abs=0.02), k
+    zero = {**p_s, "signed_sigma_av_mag": jnp.zeros(()), "signed_sigma_feh": jnp.zeros(())}
+    g0 = grad({"pop": zero})["pop"]
+    assert all(np.isfinite(float(v)) for v in g0.values())
+    assert float(g0["signed_sigma_av_mag"]) == 0.0 and float(g0["signed_sigma_feh"]) == 0.0
+    # no kink at s = 0: the slope grows linearly from it (a kink: ratio 1)
+    gh, g2h = (float(grad({"pop": {**zero, "signed_sigma_av_mag": jnp.asarray(h)}})["pop"][
+        "signed_sigma_av_mag"]) for h in (0.004, 0.008))
+    assert 0.4 < gh / g2h < 0.6, (gh, g2h)
+    with pytest.raises(ValueError, match="signed_widths"):
+        make_logdensity_fn(fd.data, grid, cfg_s, pri)
 
 
 @pytest.mark.slow
