@@ -767,7 +767,9 @@ def test_marginal_fit_with_a_distance_width_recovers_it(grid):
     Slow. At 2 x (150 + 150) draws the max R-hat was 1.07 on one run and
     1.14 on another (the width's chains too short for R-hat < 1.05; and the track's
     low-mass end then jumped at [Fe/H] = 0, this mock's value); hence 2 x (300 + 300):
-    max R-hat 1.007, sigma_d 2.79 +- 0.28 pc, distance 150.9 +- 0.36 pc (200 s idle).
+    max R-hat 1.007, sigma_d 2.79 +- 0.28 pc, distance 150.9 +- 0.36 pc (200 s idle);
+    with the signed width (the default since 2026-12-08): max R-hat 1.013, sigma_d
+    2.79 +- 0.29 pc, distance 150.89 +- 0.34 pc (248 s, the CPU shared with a fit).
     The recovery asserts come first, so that a failure says what was not recovered."""
     truth = {"log_age": 8.0, "feh": 0.0, "distance_pc": 150.0, "av_mag": 0.1,
              "sigma_distance_pc": 3.0}
