@@ -757,7 +757,9 @@ class MarginalOptions(NamedTuple):
         (default), a signed width s with sigma = |s|; ``False``, ln sigma. This model has
         no per-star offsets to make a funnel, and in ln sigma a width whose posterior
         reaches zero has a long exponential tail: on a 200-star case-(b) mock the widths'
-        bulk ESS per draw was 2.5-3.6x ln sigma's (docs/performance.md)
+        bulk ESS per draw was 2.4-3.9x ln sigma's (docs/performance.md). Callers of
+        the density functions directly set ``ModelConfig.signed_widths`` themselves
+        (this field is read only by :func:`clusterhbm.fit.fit_cluster`)
     """
 
     n_q: int = 24
